@@ -184,6 +184,10 @@ impl Daemon {
             self.config.max_connections_per_user,
             self.config.buffer_size
         );
+        match crate::notify::notify("READY=1") {
+            Ok(_) => {}
+            Err(err) => log::warn!("cannot tell systemd we are ready: {err}"),
+        }
         let mut events = Events::with_capacity(256);
         loop {
             let timeout = self.poll_timeout(Instant::now());
@@ -263,6 +267,9 @@ impl Daemon {
         }
         self.listener_ready = false;
         self.grace_deadline = Some(now + self.config.shutdown_timeout);
+        if let Err(err) = crate::notify::notify("STOPPING=1") {
+            log::warn!("cannot tell systemd we are stopping: {err}");
+        }
         log::info!(
             "stopping: {} connections open, grace period {} ms",
             self.conns.len(),

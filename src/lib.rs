@@ -22,6 +22,7 @@ pub mod io;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod peercred;
 pub mod reply;
 pub mod ring;

@@ -256,6 +256,19 @@ for u in $ALICE $BOB $CAROL; do
     install -d -m 0700 -o "$u" -g "$(id -g "$u")" "$TMP/out-$u"
 done
 
+# Remove pid FILE unless it names a live (non-zombie) process called COMM.
+clear_stale_pidfile() {
+    local file=$1 comm=$2 pid
+    [[ -f $file ]] || return 0
+    pid=$(cat "$file" 2>/dev/null || true)
+    if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] &&
+        [[ $(ps -o stat= -p "$pid" 2>/dev/null) != Z* ]]; then
+        return 0
+    fi
+    note "removing stale $file (pid ${pid:-?} is not a running $comm)"
+    rm -f "$file"
+}
+
 # Start USER's rootless dockerd, detached in its own session, unless one already answers
 # (then it is used but not stopped at the end: this script did not start it).
 start_daemon() {
@@ -267,6 +280,11 @@ start_daemon() {
         note "a daemon already answers on $sock; using it (it will not be stopped)"
         return 0
     fi
+    # A daemon killed hard on an earlier run leaves pid files behind; while such a pid is still
+    # a zombie (or was reused), dockerd refuses to start, or waits for a containerd that is
+    # gone. Nothing answers on the socket (checked above), so they are stale.
+    clear_stale_pidfile "/run/user/$uid/docker.pid" dockerd
+    clear_stale_pidfile "/run/user/$uid/docker/containerd/containerd.pid" containerd
     note "starting rootless dockerd for $user (uid $uid)"
     setsid runuser -u "$user" -- env -i "PATH=$PATH_FOR_USERS" "HOME=$home" \
         "USER=$user" "LOGNAME=$user" "XDG_RUNTIME_DIR=/run/user/$uid" \
@@ -300,6 +318,18 @@ wait_daemon() {
             break
         fi
     done
+}
+
+# Remove what an earlier, hard-killed run may have left in USER's daemon: containers carrying
+# $LABEL and images tagged dsr-*.
+purge_leftovers() {
+    local user=$1 ids
+    ids=$(DK_TIMEOUT=30 dd_ "$user" ps -aq --filter "label=$LABEL" 2>/dev/null || true)
+    # shellcheck disable=SC2086 # one id per word
+    [[ -z $ids ]] || DK_TIMEOUT=60 dd_ "$user" rm -f $ids >/dev/null 2>&1 || true
+    ids=$(DK_TIMEOUT=30 dd_ "$user" images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^dsr-' || true)
+    # shellcheck disable=SC2086 # one name per word
+    [[ -z $ids ]] || DK_TIMEOUT=60 dd_ "$user" rmi -f $ids >/dev/null 2>&1 || true
 }
 
 # A root filesystem with a static busybox and a symlink per applet, imported as $IMAGE.
@@ -728,6 +758,8 @@ if DK_TIMEOUT=10 dd_ $CAROL version >/dev/null 2>&1; then
 fi
 note "daemons up after $((SECONDS - T_START)) s"
 
+purge_leftovers $ALICE
+purge_leftovers $BOB
 make_rootfs_tar
 import_image $ALICE
 import_image $BOB
