@@ -98,6 +98,12 @@ impl Ring {
         }
     }
 
+    /// Drops every queued byte and gives the storage back.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.release();
+    }
+
     /// Gives the storage back to the allocator if nothing is queued.
     pub fn release(&mut self) {
         if self.len == 0 {

@@ -3,7 +3,8 @@
 //! Contract (smoltcp vocabulary): a half *may* read while its source is open, and *can* read when
 //! it also has room; it *must* pass end of stream on (shut down its sink's write side) once its
 //! source hit EOF and its ring is empty, and only then. A half is finished when that shutdown has
-//! been sent. Nothing here touches a socket.
+//! been sent, or once its sink broke (the peer behind it is gone, so its undelivered bytes have
+//! nowhere to go and are dropped). Nothing here touches a socket.
 
 use crate::ring::Ring;
 
@@ -21,6 +22,8 @@ pub enum Sink {
     Open,
     /// `shutdown(Write)` was done; nothing more will be written.
     ShutdownSent,
+    /// The peer behind the sink is gone (reset, broken pipe); nothing more can be written.
+    Broken,
 }
 
 /// One direction of the pipe.
@@ -43,9 +46,9 @@ impl Half {
         }
     }
 
-    /// The source is open, so reading is still meaningful.
+    /// The source is open and the bytes still have somewhere to go.
     pub fn may_read(&self) -> bool {
-        self.source == Source::Open
+        self.source == Source::Open && self.sink != Sink::Broken
     }
 
     /// Reading now would be allowed and has somewhere to put the bytes.
@@ -63,8 +66,14 @@ impl Half {
         self.source == Source::Eof && self.ring.is_empty() && self.sink == Sink::Open
     }
 
-    /// Everything this direction will ever carry was delivered and end of stream passed on.
+    /// Nothing more will ever be written: end of stream was passed on, or the sink broke.
     pub fn is_finished(&self) -> bool {
-        self.sink == Sink::ShutdownSent
+        self.sink != Sink::Open
+    }
+
+    /// The sink's peer is gone: drop what is queued for it and stop carrying bytes.
+    pub fn break_sink(&mut self) {
+        self.sink = Sink::Broken;
+        self.ring.clear();
     }
 }

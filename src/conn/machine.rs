@@ -22,8 +22,11 @@
 //! 4. Readiness is state: a readable or writable bit is cleared only by `WouldBlock` (or by end of
 //!    stream for reads). A full ring stops reading but keeps the bit, so reading resumes as soon as
 //!    the ring drains, without a new edge (no lost wake-up).
-//! 5. Piping ends when both directions passed end of stream on, or at once on a hard error.
-//!    Piping has no deadline: long streams never time out on their own.
+//! 5. A peer that is gone (a reset or broken pipe on its socket) ends only what involves it: the
+//!    direction towards it breaks (its undelivered bytes have nowhere to go), the direction from
+//!    it ends like an EOF after a read reset, and bytes already read from it are still delivered.
+//!    Piping ends when both directions are finished (end of stream passed on, or sink broken),
+//!    or at once on any other I/O error. Piping has no deadline: long streams never time out.
 //! 6. A refusal reads the request head (bounded in size and time) before replying, shuts down
 //!    its write side after the reply, and discards input until EOF or a short linger deadline.
 //! 7. `Closed` asks for nothing more and has no deadline.
@@ -288,6 +291,8 @@ pub struct Machine {
     ready: BothReadiness,
     peer: Option<PeerCred>,
     upstream: Option<String>,
+    /// The first side found gone while piping, for the end label.
+    first_reset: Option<Side>,
     /// Bytes delivered to the upstream and to the client, kept when the halves are dropped.
     bytes_up: u64,
     bytes_down: u64,
@@ -302,6 +307,7 @@ impl Machine {
             ready: BothReadiness::default(),
             peer: None,
             upstream: None,
+            first_reset: None,
             bytes_up: 0,
             bytes_down: 0,
         }
@@ -681,22 +687,28 @@ impl Machine {
                 to_client,
                 turn,
             } => {
-                let half = match side {
-                    Side::Client => to_upstream,
-                    Side::Upstream => to_client,
+                let (from, towards) = match side {
+                    Side::Client => (to_upstream, to_client),
+                    Side::Upstream => (to_client, to_upstream),
                 };
                 *turn = side.other();
                 match outcome {
-                    Outcome::Progress(n) => half.ring.commit(n),
+                    Outcome::Progress(n) => from.ring.commit(n),
                     Outcome::WouldBlock => {
                         self.ready.side_mut(side).readable = false;
-                        half.ring.release();
+                        from.ring.release();
                     }
                     Outcome::Eof => {
-                        half.source = Source::Eof;
+                        from.source = Source::Eof;
                         self.ready.side_mut(side).readable = false;
                     }
-                    Outcome::Reset => self.set_state(State::Closed(End::Reset(side))),
+                    Outcome::Reset => {
+                        // The peer is gone: what it sent is still delivered, nothing reaches it.
+                        from.source = Source::Eof;
+                        towards.break_sink();
+                        self.ready.side_mut(side).readable = false;
+                        self.first_reset.get_or_insert(side);
+                    }
                     Outcome::Failed(kind) => self.set_state(State::Closed(End::Failed(side, kind))),
                 }
                 self.finish_if_done();
@@ -759,7 +771,10 @@ impl Machine {
                     }
                     Outcome::WouldBlock => self.ready.side_mut(side).writable = false,
                     Outcome::Eof | Outcome::Reset => {
-                        self.set_state(State::Closed(End::Reset(side)))
+                        // Bytes from this peer may still wait to be read: only this direction ends.
+                        half.break_sink();
+                        self.ready.side_mut(side).writable = false;
+                        self.first_reset.get_or_insert(side);
                     }
                     Outcome::Failed(kind) => self.set_state(State::Closed(End::Failed(side, kind))),
                 }
@@ -825,7 +840,8 @@ impl Machine {
             && to_upstream.is_finished()
             && to_client.is_finished()
         {
-            self.set_state(State::Closed(End::Completed));
+            let end = self.first_reset.map_or(End::Completed, End::Reset);
+            self.set_state(State::Closed(end));
         }
     }
 
@@ -845,6 +861,9 @@ impl Machine {
                         && (half.source != Source::Eof || half.has_pending())
                     {
                         return Err(format!("{name}: shut down before all bytes were delivered"));
+                    }
+                    if half.sink == Sink::Broken && half.has_pending() {
+                        return Err(format!("{name}: bytes queued for a broken sink"));
                     }
                 }
             }
@@ -887,6 +906,552 @@ impl Machine {
             }
             State::Draining(drain) if side == Side::Client => drain.scratch.len(),
             _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::{Forbidden, Limit};
+
+    const CRED: PeerCred = PeerCred {
+        uid: 1000,
+        gid: 1000,
+        pid: 42,
+    };
+
+    fn settings(buffer_size: usize) -> Settings {
+        Settings {
+            buffer_size,
+            connect_timeout: Duration::from_secs(5),
+            head_timeout: Duration::from_secs(2),
+            linger_timeout: Duration::from_secs(1),
+            head_limit: 64,
+        }
+    }
+
+    fn not_running() -> Refusal {
+        Refusal::DaemonNotRunning {
+            uid: 1000,
+            path: "/run/user/1000/docker.sock".into(),
+        }
+    }
+
+    /// A machine taken through identify and route, waiting for its connect.
+    fn connecting(now: Instant) -> Machine {
+        let mut m = Machine::new(1, settings(8));
+        assert_eq!(m.next_op(), Some(Op::Identify));
+        m.handle(Input::Identified(CRED), now);
+        assert_eq!(m.next_op(), Some(Op::Route));
+        m.handle(
+            Input::Routed {
+                upstream: "/run/user/1000/docker.sock".into(),
+            },
+            now,
+        );
+        assert_eq!(m.next_op(), Some(Op::Connect));
+        m
+    }
+
+    /// A piping machine with every readiness bit cleared, as after draining both sockets.
+    fn piping(now: Instant) -> Machine {
+        let mut m = connecting(now);
+        m.handle(Input::Connect(Connect::Connected), now);
+        assert_eq!(m.state().name(), "piping");
+        for side in [Side::Client, Side::Upstream] {
+            let (read, wrote) = (Outcome::WouldBlock, Outcome::WouldBlock);
+            m.handle(
+                Input::Read {
+                    side,
+                    outcome: read,
+                },
+                now,
+            );
+            m.handle(
+                Input::Wrote {
+                    side,
+                    outcome: wrote,
+                },
+                now,
+            );
+        }
+        assert_eq!(m.next_op(), None);
+        m
+    }
+
+    fn edge(m: &mut Machine, side: Side, readable: bool, writable: bool, now: Instant) {
+        answer(
+            m,
+            Input::Ready {
+                side,
+                readable,
+                writable,
+            },
+            now,
+        );
+    }
+
+    /// A readable edge on `side`, one read that returns `bytes` (EOF when empty), then
+    /// `WouldBlock` as a drained socket would say, so no readiness bit is left behind.
+    fn read(m: &mut Machine, side: Side, bytes: &[u8], now: Instant) {
+        edge(m, side, true, false, now);
+        let buf = m.read_buf(side);
+        assert!(buf.len() >= bytes.len(), "room for the test bytes");
+        buf[..bytes.len()].copy_from_slice(bytes);
+        let outcome = if bytes.is_empty() {
+            Outcome::Eof
+        } else {
+            Outcome::Progress(bytes.len())
+        };
+        answer(m, Input::Read { side, outcome }, now);
+        if !bytes.is_empty() {
+            let outcome = Outcome::WouldBlock;
+            answer(m, Input::Read { side, outcome }, now);
+        }
+    }
+
+    /// Answers the write the machine asks for on `side` with `outcome`.
+    fn write(m: &mut Machine, side: Side, outcome: Outcome, now: Instant) {
+        assert_eq!(m.next_op(), Some(Op::Write(side)));
+        answer(m, Input::Wrote { side, outcome }, now);
+    }
+
+    fn answer(m: &mut Machine, input: Input, now: Instant) {
+        m.handle(input, now);
+        m.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn test_accepted_identified_goes_resolving() {
+        let now = Instant::now();
+        let mut m = Machine::new(1, settings(8));
+        assert_eq!(m.state().name(), "accepted");
+        m.handle(Input::Identified(CRED), now);
+        assert_eq!(m.state().name(), "resolving");
+        assert_eq!(m.peer(), Some(CRED));
+    }
+
+    #[test]
+    fn test_accepted_refused_drains() {
+        let now = Instant::now();
+        let mut m = Machine::new(1, settings(8));
+        m.handle(Input::Refused(Refusal::Internal("no cred".into())), now);
+        assert_eq!(m.state().name(), "draining");
+        assert_eq!(m.next_op(), Some(Op::Read(Side::Client)));
+    }
+
+    #[test]
+    fn test_resolving_routed_connects_with_deadline() {
+        let now = Instant::now();
+        let m = connecting(now);
+        assert_eq!(m.deadline(), Some(now + Duration::from_secs(5)));
+        assert_eq!(m.upstream(), Some("/run/user/1000/docker.sock"));
+    }
+
+    #[test]
+    fn test_connecting_busy_retries_after_backoff_not_busy_loop() {
+        let now = Instant::now();
+        let mut m = connecting(now);
+        answer(&mut m, Input::Connect(Connect::Busy), now);
+        assert_eq!(m.next_op(), None, "waits for the back-off timer");
+        let retry = m.deadline().unwrap();
+        assert!(retry > now && retry < now + Duration::from_millis(200));
+        answer(&mut m, Input::Timeout, retry - Duration::from_micros(1));
+        assert_eq!(m.next_op(), None, "an early timer does not retry");
+        answer(&mut m, Input::Timeout, retry);
+        assert_eq!(m.next_op(), Some(Op::Connect));
+    }
+
+    #[test]
+    fn test_connecting_deadline_passed_refuses_504() {
+        let now = Instant::now();
+        let mut m = connecting(now);
+        answer(&mut m, Input::Connect(Connect::Busy), now);
+        answer(&mut m, Input::Timeout, now + Duration::from_secs(5));
+        let State::Draining(drain) = m.state() else {
+            panic!("expected draining, got {}", m.state().name());
+        };
+        assert_eq!(drain.refusal.status(), 504);
+    }
+
+    #[test]
+    fn test_connecting_failed_refuses_with_its_reason() {
+        let now = Instant::now();
+        let mut m = connecting(now);
+        answer(&mut m, Input::Connect(Connect::Failed(not_running())), now);
+        assert_eq!(m.state().name(), "draining");
+    }
+
+    #[test]
+    fn test_piping_bytes_flow_both_ways() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Client, b"ping", now);
+        assert_eq!(
+            m.next_op(),
+            None,
+            "the upstream has not said it can take bytes"
+        );
+        edge(&mut m, Side::Upstream, false, true, now);
+        assert_eq!(m.write_buf(Side::Upstream), b"ping");
+        write(&mut m, Side::Upstream, Outcome::Progress(4), now);
+        read(&mut m, Side::Upstream, b"pong", now);
+        edge(&mut m, Side::Client, false, true, now);
+        write(&mut m, Side::Client, Outcome::Progress(4), now);
+        assert_eq!(m.bytes(), (4, 4));
+    }
+
+    #[test]
+    fn test_piping_full_ring_stops_reading_and_resumes_without_edge() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        edge(&mut m, Side::Client, true, false, now);
+        assert_eq!(m.next_op(), Some(Op::Read(Side::Client)));
+        m.read_buf(Side::Client).copy_from_slice(b"12345678");
+        let outcome = Outcome::Progress(8);
+        answer(
+            &mut m,
+            Input::Read {
+                side: Side::Client,
+                outcome,
+            },
+            now,
+        );
+        assert_eq!(m.next_op(), None, "a full ring is not read into");
+        assert!(
+            m.readiness(Side::Client).readable,
+            "the readable bit is kept"
+        );
+        edge(&mut m, Side::Upstream, false, true, now);
+        write(&mut m, Side::Upstream, Outcome::Progress(8), now);
+        // No new edge from the client, yet reading it resumes.
+        assert_eq!(m.next_op(), Some(Op::Read(Side::Client)));
+    }
+
+    #[test]
+    fn test_piping_short_write_keeps_the_rest_in_order() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Upstream, b"abcdef", now);
+        edge(&mut m, Side::Client, false, true, now);
+        write(&mut m, Side::Client, Outcome::Progress(2), now);
+        assert_eq!(m.write_buf(Side::Client), b"cdef");
+        write(&mut m, Side::Client, Outcome::WouldBlock, now);
+        assert_eq!(m.next_op(), None);
+    }
+
+    #[test]
+    fn test_piping_client_eof_shuts_upstream_write_after_flush() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Client, b"stdin", now);
+        read(&mut m, Side::Client, b"", now);
+        assert_eq!(
+            m.next_op(),
+            None,
+            "no shutdown while bytes before the EOF are queued"
+        );
+        edge(&mut m, Side::Upstream, false, true, now);
+        write(&mut m, Side::Upstream, Outcome::Progress(5), now);
+        assert_eq!(m.next_op(), Some(Op::ShutdownWrite(Side::Upstream)));
+        answer(
+            &mut m,
+            Input::ShutDown {
+                side: Side::Upstream,
+            },
+            now,
+        );
+        // The other direction keeps flowing.
+        assert_eq!(m.state().name(), "piping");
+        read(&mut m, Side::Upstream, b"out", now);
+        edge(&mut m, Side::Client, false, true, now);
+        write(&mut m, Side::Client, Outcome::Progress(3), now);
+        assert_eq!(m.bytes(), (5, 3));
+    }
+
+    #[test]
+    fn test_piping_both_eofs_complete() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Client, b"", now);
+        assert_eq!(m.next_op(), Some(Op::ShutdownWrite(Side::Upstream)));
+        answer(
+            &mut m,
+            Input::ShutDown {
+                side: Side::Upstream,
+            },
+            now,
+        );
+        read(&mut m, Side::Upstream, b"", now);
+        assert_eq!(m.next_op(), Some(Op::ShutdownWrite(Side::Client)));
+        answer(&mut m, Input::ShutDown { side: Side::Client }, now);
+        assert_eq!(m.end(), Some(&End::Completed));
+        assert_eq!(m.next_op(), None);
+        assert_eq!(m.deadline(), None);
+    }
+
+    #[test]
+    fn test_piping_upstream_reset_on_write_still_delivers_its_output() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Upstream, b"bye", now);
+        read(&mut m, Side::Client, b"leftover", now);
+        edge(&mut m, Side::Upstream, false, true, now);
+        write(&mut m, Side::Upstream, Outcome::Reset, now);
+        assert_eq!(
+            m.state().name(),
+            "piping",
+            "the output is still owed to the client"
+        );
+        edge(&mut m, Side::Client, false, true, now);
+        assert_eq!(m.write_buf(Side::Client), b"bye");
+        write(&mut m, Side::Client, Outcome::Progress(3), now);
+        read(&mut m, Side::Upstream, b"", now);
+        assert_eq!(m.next_op(), Some(Op::ShutdownWrite(Side::Client)));
+        answer(&mut m, Input::ShutDown { side: Side::Client }, now);
+        assert_eq!(m.end(), Some(&End::Reset(Side::Upstream)));
+        assert_eq!(m.bytes(), (0, 3));
+    }
+
+    #[test]
+    fn test_piping_client_reset_on_read_ends_after_flush_upstream() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Client, b"req", now);
+        edge(&mut m, Side::Client, true, false, now);
+        let outcome = Outcome::Reset;
+        answer(
+            &mut m,
+            Input::Read {
+                side: Side::Client,
+                outcome,
+            },
+            now,
+        );
+        edge(&mut m, Side::Upstream, false, true, now);
+        assert_eq!(
+            m.write_buf(Side::Upstream),
+            b"req",
+            "bytes already read are delivered"
+        );
+        write(&mut m, Side::Upstream, Outcome::Progress(3), now);
+        assert_eq!(m.next_op(), Some(Op::ShutdownWrite(Side::Upstream)));
+        answer(
+            &mut m,
+            Input::ShutDown {
+                side: Side::Upstream,
+            },
+            now,
+        );
+        assert_eq!(m.end(), Some(&End::Reset(Side::Client)));
+    }
+
+    #[test]
+    fn test_piping_failed_io_closes_at_once() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        answer(
+            &mut m,
+            Input::Read {
+                side: Side::Upstream,
+                outcome: Outcome::Failed(std::io::ErrorKind::OutOfMemory),
+            },
+            now,
+        );
+        assert!(matches!(m.end(), Some(End::Failed(Side::Upstream, _))));
+    }
+
+    #[test]
+    fn test_piping_timeout_is_ignored_long_streams_never_expire() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        assert_eq!(m.deadline(), None);
+        answer(&mut m, Input::Timeout, now + Duration::from_secs(86_400));
+        assert_eq!(m.state().name(), "piping");
+    }
+
+    #[test]
+    fn test_piping_idle_connection_holds_no_buffer() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Client, b"x", now);
+        assert_eq!(m.buffered_capacity(), 8);
+        edge(&mut m, Side::Upstream, false, true, now);
+        write(&mut m, Side::Upstream, Outcome::Progress(1), now);
+        assert_eq!(m.buffered_capacity(), 0);
+    }
+
+    #[test]
+    fn test_any_abort_closes() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        answer(&mut m, Input::Abort, now);
+        assert_eq!(m.end(), Some(&End::Aborted));
+        assert_eq!(m.next_op(), None);
+    }
+
+    /// Refuses a connection and returns it in the draining state.
+    fn draining(refusal: Refusal, now: Instant) -> Machine {
+        let mut m = Machine::new(1, settings(8));
+        m.handle(Input::Identified(CRED), now);
+        answer(&mut m, Input::Refused(refusal), now);
+        m
+    }
+
+    fn reply_text(m: &Machine) -> String {
+        String::from_utf8(m.write_buf(Side::Client).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn test_draining_reads_head_before_replying() {
+        let now = Instant::now();
+        let mut m = draining(not_running(), now);
+        read(&mut m, Side::Client, b"GET /_ping HTTP/1.1\r\n", now);
+        assert_eq!(
+            m.next_op(),
+            None,
+            "head not complete: waits for more, no reply yet"
+        );
+        read(&mut m, Side::Client, b"\r\n", now);
+        assert_eq!(m.next_op(), Some(Op::Write(Side::Client)));
+        assert!(reply_text(&m).starts_with("HTTP/1.1 502 Bad Gateway\r\n"));
+        assert!(reply_text(&m).contains("{\"message\""));
+    }
+
+    #[test]
+    fn test_draining_head_request_gets_no_body() {
+        let now = Instant::now();
+        let mut m = draining(not_running(), now);
+        read(&mut m, Side::Client, b"HEAD /_ping HTTP/1.1\n\n", now);
+        let reply = reply_text(&m);
+        assert!(reply.ends_with("\r\n\r\n"), "{reply}");
+    }
+
+    #[test]
+    fn test_draining_reply_shutdown_linger_then_close() {
+        let now = Instant::now();
+        let mut m = draining(Refusal::LimitReached(Limit::PerUser(1)), now);
+        read(&mut m, Side::Client, b"GET / HTTP/1.0\r\n\r\n", now);
+        let len = m.write_buf(Side::Client).len();
+        answer(
+            &mut m,
+            Input::Wrote {
+                side: Side::Client,
+                outcome: Outcome::Progress(len),
+            },
+            now,
+        );
+        assert_eq!(m.next_op(), Some(Op::ShutdownWrite(Side::Client)));
+        answer(&mut m, Input::ShutDown { side: Side::Client }, now);
+        assert!(
+            matches!(m.state(), State::Draining(d) if d.phase == DrainPhase::Lingering),
+            "lingers, discarding input"
+        );
+        read(&mut m, Side::Client, b"body bytes", now);
+        read(&mut m, Side::Client, b"", now);
+        assert!(matches!(m.end(), Some(End::Refused(r)) if r.status() == 503));
+    }
+
+    #[test]
+    fn test_draining_silent_client_gets_reply_at_head_deadline_then_closes() {
+        let now = Instant::now();
+        let mut m = draining(not_running(), now);
+        answer(
+            &mut m,
+            Input::Read {
+                side: Side::Client,
+                outcome: Outcome::WouldBlock,
+            },
+            now,
+        );
+        assert_eq!(m.next_op(), None);
+        let head_deadline = m.deadline().unwrap();
+        assert_eq!(head_deadline, now + Duration::from_secs(2));
+        answer(&mut m, Input::Timeout, head_deadline);
+        assert_eq!(m.next_op(), Some(Op::Write(Side::Client)));
+        // The client never reads: the reply deadline closes it.
+        answer(
+            &mut m,
+            Input::Wrote {
+                side: Side::Client,
+                outcome: Outcome::WouldBlock,
+            },
+            head_deadline,
+        );
+        let close_at = m.deadline().unwrap();
+        assert_eq!(close_at, head_deadline + Duration::from_secs(1));
+        answer(&mut m, Input::Timeout, close_at);
+        assert!(m.is_closed());
+    }
+
+    #[test]
+    fn test_draining_garbage_is_answered_at_once() {
+        let now = Instant::now();
+        let mut m = draining(
+            Refusal::Forbidden {
+                uid: 1000,
+                path: "/p".into(),
+                why: Forbidden::Symlink,
+            },
+            now,
+        );
+        read(&mut m, Side::Client, b"\x16\x03\x01\x00", now);
+        assert_eq!(m.next_op(), Some(Op::Write(Side::Client)));
+        assert!(reply_text(&m).starts_with("HTTP/1.1 403 Forbidden"));
+    }
+
+    #[test]
+    fn test_draining_eof_before_head_still_replies_then_closes_without_linger() {
+        let now = Instant::now();
+        let mut m = draining(not_running(), now);
+        read(&mut m, Side::Client, b"GET / HTTP/1.1\r\n", now);
+        read(&mut m, Side::Client, b"", now);
+        let len = m.write_buf(Side::Client).len();
+        answer(
+            &mut m,
+            Input::Wrote {
+                side: Side::Client,
+                outcome: Outcome::Progress(len),
+            },
+            now,
+        );
+        answer(&mut m, Input::ShutDown { side: Side::Client }, now);
+        assert!(m.is_closed());
+    }
+
+    #[test]
+    fn test_draining_head_limit_replies_without_waiting_for_more() {
+        let now = Instant::now();
+        let mut m = draining(not_running(), now);
+        let long = [b'a'; 64];
+        let mut request = b"GET /".to_vec();
+        request.extend_from_slice(&long);
+        // The scratch buffer is larger than the head limit (64): one read decides.
+        read(&mut m, Side::Client, &request, now);
+        assert_eq!(m.next_op(), Some(Op::Write(Side::Client)));
+    }
+
+    #[test]
+    fn test_closed_ignores_everything() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        answer(&mut m, Input::Abort, now);
+        for input in [
+            Input::Timeout,
+            Input::Ready {
+                side: Side::Client,
+                readable: true,
+                writable: true,
+            },
+            Input::Connect(Connect::Connected),
+            Input::Read {
+                side: Side::Client,
+                outcome: Outcome::Progress(1),
+            },
+        ] {
+            answer(&mut m, input, now);
+            assert_eq!(m.next_op(), None);
         }
     }
 }
