@@ -3,7 +3,7 @@
 # tests that switch uids and the real-Docker end-to-end scenarios (they say "skipped" otherwise).
 #
 # Stages: lint (fmt, clippy) · unit, integration and property tests · fuzz targets for a
-# bounded time each · real rootless Docker through the router.
+# bounded time each · the Debian package · real rootless Docker through the router.
 # Environment: FUZZ_SECONDS (default 30 per target), PROPTEST_CASES (default: per test),
 # SKIP_E2E=1 / SKIP_FUZZ=1 to leave a stage out while iterating.
 set -uo pipefail
@@ -63,9 +63,23 @@ real_docker() {
   cargo build --release --locked && tests/e2e/real-docker.sh target/release/docker-socket-router
 }
 
+package() {
+  local deb extracted
+  deb=$(packaging/build-deb.sh) || return 1
+  extracted=$(mktemp -d)
+  dpkg-deb -x "$deb" "$extracted" &&
+    test -f "$extracted/lib/systemd/system/docker-socket-router.service" &&
+    "$extracted/usr/bin/docker-socket-router" --version | grep -q '^docker-socket-router ' &&
+    echo "package: $deb unpacks and runs"
+  local status=$?
+  rm -rf "$extracted"
+  return $status
+}
+
 stage lint lint
 stage tests unit_and_integration
 stage fuzz fuzz
+stage package package
 stage real-docker real_docker
 
 echo
