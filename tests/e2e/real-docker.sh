@@ -294,22 +294,21 @@ start_daemon() {
 }
 
 # Wait until USER's daemon answers, then remember its user namespace (for cleanup).
+# On failure prints the daemon's log tail and returns 1.
 wait_daemon() {
-    local user=$1 deadline=$((SECONDS + DAEMON_START_TIMEOUT))
+    local user=$1 deadline=$((SECONDS + DAEMON_START_TIMEOUT)) leader
     until DK_TIMEOUT=10 dd_ "$user" version >/dev/null 2>&1; do
-        if ((SECONDS >= deadline)); then
+        leader=${DAEMON_LEADER[$user]:-}
+        if ((SECONDS >= deadline)) || { [[ -n $leader ]] && ! kill -0 "$leader" 2>/dev/null; }; then
             tail -n 30 "$TMP/logs/dockerd-$user.log" | sed 's/^/    dockerd: /' >&2 || true
-            die "rootless dockerd of $user did not answer within ${DAEMON_START_TIMEOUT}s"
-        fi
-        local leader=${DAEMON_LEADER[$user]:-}
-        if [[ -n $leader ]] && ! kill -0 "$leader" 2>/dev/null; then
-            tail -n 30 "$TMP/logs/dockerd-$user.log" | sed 's/^/    dockerd: /' >&2 || true
-            die "rootless dockerd of $user exited during start-up"
+            note "rootless dockerd of $user did not come up (see its log above)"
+            return 1
         fi
         sleep 0.5
     done
-    local leader=${DAEMON_LEADER[$user]:-} host_ns p ns
+    leader=${DAEMON_LEADER[$user]:-}
     [[ -n $leader ]] || return 0
+    local host_ns p ns
     host_ns=$(readlink /proc/self/ns/user)
     for p in $(pids_in_pgid "$leader"); do
         ns=$(readlink "/proc/$p/ns/user" 2>/dev/null || true)
@@ -354,14 +353,16 @@ import_image() {
 ROUTER_SOCK=$TMP/docker.sock
 ROUTER_LOG=$TMP/logs/router.log
 
-start_router() {
-    if [[ ! -x $ROUTER ]]; then
-        if [[ $ROUTER == "$REPO/target/release/docker-socket-router" ]]; then
-            note "building the router (cargo build --release)"
-            (cd "$REPO" && cargo build --release) >&2 || die "cargo build --release failed"
-        fi
-        [[ -x $ROUTER ]] || die "router binary $ROUTER not found"
+# Make sure the router binary exists, building the default one when missing.
+ensure_router_binary() {
+    if [[ ! -x $ROUTER && $ROUTER == "$REPO/target/release/docker-socket-router" ]]; then
+        note "building the router (cargo build --release)"
+        (cd "$REPO" && cargo build --release) >&2 || die "cargo build --release failed"
     fi
+    [[ -x $ROUTER ]] || die "router binary $ROUTER not found"
+}
+
+start_router() {
     local -a extra=()
     if [[ -n ${DSR_E2E_ROUTER_ARGS:-} ]]; then read -r -a extra <<<"$DSR_E2E_ROUTER_ARGS"; fi
     note "starting router $ROUTER on $ROUTER_SOCK"
@@ -379,10 +380,17 @@ start_router() {
     done
 }
 
+# Size of the router log now, so a failure can show what the router logged meanwhile.
+router_log_size() {
+    if ((DIRECT)) || [[ ! -f $ROUTER_LOG ]]; then echo 0; else stat -c %s "$ROUTER_LOG"; fi
+}
+
+# router_tail FROM: the last 40 lines the router logged since byte offset FROM.
 router_tail() {
     ((DIRECT)) && return 0
     [[ -f $ROUTER_LOG ]] || return 0
-    tail -n "${1:-25}" "$ROUTER_LOG" | sed 's/^/    router: /' >&2 || true
+    note "router log since the scenario started (last 40 lines):"
+    tail -c "+$(($1 + 1))" "$ROUTER_LOG" | tail -n 40 | sed 's/^/    router: /' >&2 || true
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -411,8 +419,9 @@ first_line() { head -n 1 "$1" 2>/dev/null | cut -c1-300 || true; }
 
 # scenario NAME FUNCTION: run one scenario and print its result line.
 scenario() {
-    local name=$1 fn=$2 t0 rc=0
+    local name=$1 fn=$2 t0 rc=0 log_from
     : >"$REASON_FILE"
+    log_from=$(router_log_size)
     t0=$(now_ms)
     "$fn" || rc=$?
     local took=$(($(now_ms) - t0))
@@ -430,7 +439,7 @@ scenario() {
             reason=$(cat "$REASON_FILE")
             echo "FAIL $name: ${reason:-exit status $rc}"
             FAILED=$((FAILED + 1))
-            router_tail 25
+            router_tail "$log_from"
             ;;
     esac
     note "$name took ${took} ms"
@@ -554,12 +563,15 @@ wait_for_line() {
 s_events_stream() {
     local d=$TMP/s-events name="dsr-ev-$RUN_ID" pid
     mkdir -p "$d"
+    # --since: should the client be slow to subscribe on a loaded machine, the create event is
+    # replayed rather than missed. The destroy event is only produced after the create event
+    # has been seen, so it can only arrive by live streaming.
     prefix_for $ALICE "$(scenario_sock $ALICE)" 60
-    "${PFX[@]}" "$DOCKER" events --filter "label=dsr-ev=$RUN_ID" --format '{{.Type}} {{.Action}}' \
-        >"$d/out" 2>"$d/err" &
+    "${PFX[@]}" "$DOCKER" events --since "$(($(date +%s) - 1))" --filter "label=dsr-ev=$RUN_ID" \
+        --format '{{.Type}} {{.Action}}' >"$d/out" 2>"$d/err" &
     pid=$!
     BG_PIDS+=("$pid")
-    sleep 2 # let it subscribe; create comes after, so it can only arrive by streaming
+    sleep 1
     if ! kill -0 "$pid" 2>/dev/null; then
         fail "docker events exited at once: $(first_line "$d/err")"
         return
@@ -728,19 +740,66 @@ s_parallel_50() {
     ((bad == 0)) || { fail "$bad of 50 failed:${msgs:0:600}"; return; }
 }
 
-# Extra: the router exits 0 on SIGTERM and removes its socket (DESIGN.md, Lifecycle).
+# Extra: a user whose daemon stops gets the refusal; once it is back, the very next connection
+# is served (nothing cached between connections, DESIGN.md).
+s_daemon_restart() {
+    ((DIRECT)) && { skip "router only"; return; }
+    [[ -n ${DAEMON_LEADER[$BOB]:-} ]] || { skip "$BOB's daemon was not started by this script"; return; }
+    local d=$TMP/s-restart rc=0 want got
+    mkdir -p "$d"
+    want=$(dd_ $BOB info --format '{{.ID}}' 2>/dev/null) || { fail "direct info (bob) failed"; return; }
+    stop_daemon $BOB
+    DK_TIMEOUT=20 dk $BOB ps >/dev/null 2>"$d/err" || rc=$?
+    ((rc != 0)) || { fail "docker ps succeeded with $BOB's daemon stopped"; return; }
+    grep -q 'Error response from daemon' "$d/err" ||
+        { fail "with the daemon stopped, stderr is '$(first_line "$d/err")'"; return; }
+    start_daemon $BOB
+    wait_daemon $BOB || { fail "$BOB's daemon did not come back"; return; }
+    got=$(dk $BOB info --format '{{.ID}}' 2>"$d/err") ||
+        { fail "after the restart, docker info: $(first_line "$d/err")"; return; }
+    [[ $got == "$want" ]] || { fail "after the restart, $BOB reached daemon '$got', want '$want'"; return; }
+}
+
+# Extra: on SIGTERM the router stops accepting (removes its socket), lets a live connection
+# finish, then exits 0 (DESIGN.md, Lifecycle). The live connection is a single `curl` following
+# the logs of a container that prints one more line 4 s later.
 s_router_sigterm() {
     ((DIRECT)) && { skip "router only"; return; }
-    local rc=0
+    local d=$TMP/s-sigterm name="dsr-term-$RUN_ID" pid rc=0 deadline
+    mkdir -p "$d"
+    dk $ALICE run -d --label "$LABEL=1" --network none --name "$name" "$IMAGE" \
+        sh -c 'echo first; sleep 4; echo last' >/dev/null 2>"$d/err" ||
+        { fail "docker run -d: $(first_line "$d/err")"; return; }
+    prefix_for $ALICE "$ROUTER_SOCK" 40
+    "${PFX[@]}" curl -sS --no-buffer --unix-socket "$ROUTER_SOCK" \
+        "http://localhost/containers/$name/logs?follow=1&stdout=1" >"$d/out" 2>"$d/err" &
+    pid=$!
+    BG_PIDS+=("$pid")
+    deadline=$((SECONDS + 10))
+    until grep -aq first "$d/out"; do
+        if ((SECONDS >= deadline)) || ! kill -0 "$pid" 2>/dev/null; then
+            fail "curl did not get the first log line: $(first_line "$d/err")"
+            return
+        fi
+        sleep 0.1
+    done
     kill -TERM "$ROUTER_PID" 2>/dev/null || { fail "router was not running"; return; }
+    # The socket goes away at once; the live stream keeps flowing until the container exits.
+    deadline=$((SECONDS + 3))
+    while [[ -e $ROUTER_SOCK ]] && ((SECONDS < deadline)); do sleep 0.1; done
+    [[ ! -e $ROUTER_SOCK ]] || { fail "socket $ROUTER_SOCK still exists 3 s after SIGTERM"; return; }
+    wait "$pid" || rc=$?
+    ((rc == 0)) || { fail "the live logs stream ended with curl status $rc: $(first_line "$d/err")"; return; }
+    grep -aq last "$d/out" || { fail "the live logs stream was cut off by the shutdown (no 'last' line)"; return; }
     if ! wait_gone 15 "$ROUTER_PID"; then
         fail "router still running 15 s after SIGTERM"
         return
     fi
+    rc=0
     wait "$ROUTER_PID" || rc=$?
     ROUTER_PID=""
     ((rc == 0)) || { fail "router exited with status $rc after SIGTERM"; return; }
-    [[ ! -e $ROUTER_SOCK ]] || { fail "socket $ROUTER_SOCK still exists after shutdown"; return; }
+    DK_TIMEOUT=30 dd_ $ALICE rm -f "$name" >/dev/null 2>&1 || true
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -748,10 +807,11 @@ s_router_sigterm() {
 # ---------------------------------------------------------------------------------------------
 REASON_FILE=$TMP/reason
 
+((DIRECT)) || ensure_router_binary
 start_daemon $ALICE
 start_daemon $BOB
-wait_daemon $ALICE
-wait_daemon $BOB
+wait_daemon $ALICE || die "rootless dockerd of $ALICE did not answer within ${DAEMON_START_TIMEOUT}s"
+wait_daemon $BOB || die "rootless dockerd of $BOB did not answer within ${DAEMON_START_TIMEOUT}s"
 # carol must really have no daemon, or scenario 10 means nothing.
 if DK_TIMEOUT=10 dd_ $CAROL version >/dev/null 2>&1; then
     die "a daemon answers on $(daemon_sock $CAROL); $CAROL must not have one"
@@ -786,9 +846,11 @@ scenario no-daemon-error s_no_daemon_error
 scenario parallel-50 s_parallel_50
 if [[ -n $DOCKER_ALT ]]; then
     note "alternate client $DOCKER_ALT ($("$DOCKER_ALT" --version))"
+    DK_BIN=$DOCKER_ALT scenario alt-client-info-own-daemon s_info_own_daemon
     DK_BIN=$DOCKER_ALT scenario alt-client-stdin-eof s_stdin_eof
     DK_BIN=$DOCKER_ALT scenario alt-client-no-daemon-error s_no_daemon_error
 fi
+scenario daemon-restart s_daemon_restart
 scenario router-sigterm s_router_sigterm
 
 note "total $((SECONDS - T_START)) s"

@@ -38,7 +38,7 @@ for p in "${PACKAGES[@]}"; do
 done
 if ((${#missing[@]})); then
     log "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
+    export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
     apt-get update -qq
     # Installing docker.io does not start a daemon on these machines (no systemd as init);
     # policy-rc.d makes sure of it on machines where invoke-rc.d would otherwise try.
