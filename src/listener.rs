@@ -16,7 +16,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -149,12 +148,13 @@ fn clear_stale(path: &Path) -> Result<(), ListenError> {
             socket: path.to_path_buf(),
         });
     }
-    match UnixStream::connect(path) {
+    // Non-blocking: a live server with a full backlog must not hang the start.
+    match mio::net::UnixStream::connect(path) {
         // We hold the router lock, so whoever answers is not a router of ours.
         Ok(_) => Err(ListenError::InUse {
             socket: path.to_path_buf(),
         }),
-        // Some process accepts but its backlog is full: it is alive.
+        // Some process listens but its backlog is full: it is alive.
         Err(err) if err.kind() == io::ErrorKind::WouldBlock => Err(ListenError::InUse {
             socket: path.to_path_buf(),
         }),
