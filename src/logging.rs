@@ -1,17 +1,28 @@
 //! Log output: syslog by default when not on a terminal, stderr otherwise or when asked.
 //!
-//! Contract: [`init`] never fails the start. If the syslog socket cannot be reached, it says so
-//! once on stderr and logs to stderr. The syslog datagram socket is non-blocking, so a slow or
-//! stuck syslog daemon can never stall the event loop; a line that syslog does not take (full
-//! queue, daemon restarted: one reconnect is tried first) is written to stderr instead, so no
-//! line is dropped silently. Lines are plain `key=value` text after a short message; the
-//! facility is `daemon`, the tag `docker-socket-router`.
+//! Contract: nothing here can stall the event loop, and no line is lost without a word.
+//! - [`init`] never fails the start. If the syslog socket cannot be reached, it says so once on
+//!   stderr and logs to stderr.
+//! - The syslog datagram socket is non-blocking. A line syslog does not take (full queue, daemon
+//!   restarted: one reconnect is tried first) goes to stderr; the switch is announced once.
+//! - stderr is written without blocking too: a socket (journald) with `MSG_DONTWAIT`, a pipe or
+//!   terminal through its own non-blocking open file description (so the shell's is untouched).
+//!   A line stderr cannot take is counted, and the count is written as soon as stderr takes
+//!   lines again.
+//!
+//! Lines are plain `key=value` text after a short message; the syslog facility is `daemon`,
+//! the tag `docker-socket-router`.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, open};
+use nix::sys::socket::{MsgFlags, send};
+use nix::sys::stat::{Mode, SFlag, fstat};
 use syslog::{Facility, Formatter3164, LoggerBackend};
 
 use crate::cli::LogTarget;
@@ -20,14 +31,97 @@ const TAG: &str = "docker-socket-router";
 
 type SyslogLogger = syslog::Logger<LoggerBackend, Formatter3164>;
 
-enum Sink {
-    Stderr,
-    Syslog { logger: SyslogLogger, path: PathBuf },
+/// How stderr is written without blocking.
+enum StderrKind {
+    /// A socket: `send` with `MSG_DONTWAIT`.
+    Socket,
+    /// A pipe or terminal, reopened non-blocking through `/proc/self/fd/2`.
+    Reopened(OwnedFd),
+    /// A regular file (or anything that cannot be reopened): plain writes, which do not block
+    /// for long on a file.
+    Plain,
+}
+
+/// stderr as the logger writes it.
+struct Stderr {
+    kind: StderrKind,
+    /// Lines stderr did not take since it last did.
+    dropped: u64,
+}
+
+impl Stderr {
+    fn open() -> Stderr {
+        let stderr = std::io::stderr();
+        let kind = match fstat(stderr.as_fd()) {
+            Ok(stat) => match SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) {
+                SFlag::S_IFSOCK => StderrKind::Socket,
+                SFlag::S_IFIFO | SFlag::S_IFCHR => open(
+                    "/proc/self/fd/2",
+                    OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
+                    Mode::empty(),
+                )
+                .map_or(StderrKind::Plain, StderrKind::Reopened),
+                _ => StderrKind::Plain,
+            },
+            Err(_) => StderrKind::Plain,
+        };
+        Stderr { kind, dropped: 0 }
+    }
+
+    /// Writes one whole line or nothing (pipes take writes up to 4 KiB whole).
+    fn write_raw(&self, line: &[u8]) -> bool {
+        let stderr = std::io::stderr();
+        let written = loop {
+            let result = match &self.kind {
+                StderrKind::Socket => send(
+                    stderr.as_fd().as_raw_fd(),
+                    line,
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+                ),
+                StderrKind::Reopened(fd) => nix::unistd::write(fd, line),
+                StderrKind::Plain => nix::unistd::write(stderr.as_fd(), line),
+            };
+            if result != Err(Errno::EINTR) {
+                break result;
+            }
+        };
+        written == Ok(line.len())
+    }
+
+    fn write(&mut self, level: Level, message: &str) {
+        if self.dropped > 0 {
+            let note = format!(
+                "{TAG}: WARN {} log lines were dropped: stderr was not taking them\n",
+                self.dropped
+            );
+            if !self.write_raw(note.as_bytes()) {
+                self.dropped += 1;
+                return;
+            }
+            self.dropped = 0;
+        }
+        let line = format!("{TAG}: {level} {message}\n");
+        if !self.write_raw(line.as_bytes()) {
+            self.dropped += 1;
+        }
+    }
+}
+
+struct Syslog {
+    logger: SyslogLogger,
+    path: PathBuf,
+    /// Lines are going to stderr because syslog stopped taking them.
+    failing: bool,
+}
+
+struct Sinks {
+    syslog: Option<Syslog>,
+    stderr: Stderr,
 }
 
 struct RouterLogger {
     level: LevelFilter,
-    sink: Mutex<Sink>,
+    sinks: Mutex<Sinks>,
 }
 
 /// Connects to the syslog socket; a datagram socket is made non-blocking.
@@ -45,12 +139,25 @@ fn connect_syslog(path: &Path) -> syslog::Result<SyslogLogger> {
     Ok(logger)
 }
 
-fn send(logger: &mut SyslogLogger, level: Level, message: &str) -> syslog::Result<()> {
+fn send_syslog(logger: &mut SyslogLogger, level: Level, message: &str) -> syslog::Result<()> {
     match level {
         Level::Error => logger.err(message),
         Level::Warn => logger.warning(message),
         Level::Info => logger.info(message),
         Level::Debug | Level::Trace => logger.debug(message),
+    }
+}
+
+impl Syslog {
+    /// Sends a line, reconnecting once (the daemon may have restarted).
+    fn send(&mut self, level: Level, message: &str) -> Result<(), syslog::Error> {
+        let Err(first) = send_syslog(&mut self.logger, level, message) else {
+            return Ok(());
+        };
+        let mut fresh = connect_syslog(&self.path).map_err(|_| first)?;
+        send_syslog(&mut fresh, level, message)?;
+        self.logger = fresh;
+        Ok(())
     }
 }
 
@@ -63,38 +170,32 @@ impl Log for RouterLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        let Ok(mut sinks) = self.sinks.lock() else {
+            return;
+        };
+        let Sinks { syslog, stderr } = &mut *sinks;
         let message = record.args().to_string();
-        let Ok(mut sink) = self.sink.lock() else {
-            write_stderr(record.level(), &message);
-            return;
-        };
-        let Sink::Syslog { logger, path } = &mut *sink else {
-            write_stderr(record.level(), &message);
-            return;
-        };
-        let Err(first) = send(logger, record.level(), &message) else {
-            return;
-        };
-        // The syslog daemon may have restarted: one fresh connection, one more try.
-        let retried = connect_syslog(path).and_then(|mut fresh| {
-            send(&mut fresh, record.level(), &message)?;
-            *logger = fresh;
-            Ok(())
-        });
-        if retried.is_err() {
-            write_stderr(
-                Level::Warn,
-                &format!("syslog did not take a line ({first}): it follows"),
-            );
-            write_stderr(record.level(), &message);
+        if let Some(syslog) = syslog {
+            match syslog.send(record.level(), &message) {
+                Ok(()) => {
+                    if syslog.failing {
+                        syslog.failing = false;
+                        stderr.write(Level::Info, "syslog takes lines again");
+                    }
+                    return;
+                }
+                Err(err) if !syslog.failing => {
+                    syslog.failing = true;
+                    let note = format!("syslog does not take lines ({err}); writing them here");
+                    stderr.write(Level::Warn, &note);
+                }
+                Err(_) => {}
+            }
         }
+        stderr.write(record.level(), &message);
     }
 
     fn flush(&self) {}
-}
-
-fn write_stderr(level: Level, message: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{TAG}: {level} {message}");
 }
 
 /// Where logging ended up.
@@ -116,33 +217,34 @@ pub fn init(target: LogTarget, syslog_socket: &Path, verbose: bool) -> Chosen {
         LogTarget::Syslog => true,
         LogTarget::Auto => !std::io::stderr().is_terminal(),
     };
-    let sink = if want_syslog {
+    let mut stderr = Stderr::open();
+    let syslog = if want_syslog {
         match connect_syslog(syslog_socket) {
-            Ok(logger) => Sink::Syslog {
+            Ok(logger) => Some(Syslog {
                 logger,
                 path: syslog_socket.to_path_buf(),
-            },
+                failing: false,
+            }),
             Err(err) => {
-                write_stderr(
-                    Level::Warn,
-                    &format!(
-                        "syslog socket {} is not available ({err}); logging to stderr",
-                        syslog_socket.display()
-                    ),
+                let note = format!(
+                    "syslog socket {} is not available ({err}); logging to stderr",
+                    syslog_socket.display()
                 );
-                Sink::Stderr
+                stderr.write(Level::Warn, &note);
+                None
             }
         }
     } else {
-        Sink::Stderr
+        None
     };
-    let chosen = match sink {
-        Sink::Stderr => Chosen::Stderr,
-        Sink::Syslog { .. } => Chosen::Syslog,
+    let chosen = if syslog.is_some() {
+        Chosen::Syslog
+    } else {
+        Chosen::Stderr
     };
     let logger = RouterLogger {
         level,
-        sink: Mutex::new(sink),
+        sinks: Mutex::new(Sinks { syslog, stderr }),
     };
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);

@@ -620,3 +620,43 @@ fn logging_syslog_that_goes_away_does_not_lose_lines() {
     // The line is not dropped silently: it reaches stderr.
     router.wait_conn_line(uid, WAIT);
 }
+
+#[test]
+fn logging_stderr_nobody_reads_never_stalls_the_router() {
+    // stderr is a pipe that is never read (a paused terminal, a stuck log collector). Once it
+    // is full, the router must keep serving and say how many lines it could not write.
+    let dir = TempDir::new("stderr-stall");
+    let socket = dir.join("docker.sock");
+    let template = dir.join("%d.sock");
+    let (unread, stderr_end) = nix::unistd::pipe().unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["--socket", socket.to_str().unwrap()])
+        .args(["--user-socket", template.to_str().unwrap()])
+        .args(["--log-target", "stderr", "--verbose"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(stderr_end))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while socket_mode(&socket).is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    // Each refused connection logs several lines: a few hundred fill a 64 KiB pipe many times.
+    let started = Instant::now();
+    for i in 0..400 {
+        let mut conn = UnixStream::connect(&socket).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        conn.write_all(b"GET /_ping HTTP/1.1\r\n\r\n").unwrap();
+        let mut reply = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut conn, &mut reply);
+        assert!(
+            reply.starts_with(b"HTTP/1.1 502 "),
+            "connection {i} got no answer after {:?}",
+            started.elapsed()
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(unread);
+}
