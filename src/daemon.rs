@@ -29,7 +29,7 @@ use slab::Slab;
 
 use crate::cli::Config;
 use crate::conn::machine::{Input, Machine, Settings};
-use crate::conn::{Admission, Connection, Driven, Env};
+use crate::conn::{Admission, Admit, Connection, Driven, Env};
 use crate::listener::{ListenError, Listener};
 use crate::metrics::Counters;
 use crate::reply::{Limit, Refusal};
@@ -70,35 +70,70 @@ fn startup(what: &'static str) -> impl FnOnce(io::Error) -> StartupError {
 }
 
 /// Connection limits, global and per uid.
+///
+/// A uid may pipe `per_user` connections; `piping` counts them, and all uids together may
+/// pipe `max`. Refused connections hold a slot while they read the head and linger, so each uid
+/// may also hold only `per_user_slots` connections in any state (`held`); past that its new
+/// connections are answered at once and closed, and one user cannot fill the slots that every
+/// user shares.
 struct Limits {
     max: usize,
     per_user: usize,
-    active: usize,
-    by_uid: HashMap<u32, usize>,
+    per_user_slots: usize,
+    piping_total: usize,
+    piping: HashMap<u32, usize>,
+    held: HashMap<u32, usize>,
+}
+
+impl Limits {
+    fn new(max: usize, per_user: usize) -> Limits {
+        Limits {
+            max,
+            per_user,
+            per_user_slots: per_user + (per_user / 4).clamp(4, 64),
+            piping_total: 0,
+            piping: HashMap::new(),
+            held: HashMap::new(),
+        }
+    }
+}
+
+/// Takes one from a per-uid count, forgetting uids that reach zero.
+fn decrement(counts: &mut HashMap<u32, usize>, uid: u32) {
+    if let Some(count) = counts.get_mut(&uid) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            counts.remove(&uid);
+        }
+    }
 }
 
 impl Admission for Limits {
-    fn admit(&mut self, uid: u32) -> Result<(), Refusal> {
-        if self.active >= self.max {
-            return Err(Refusal::LimitReached(Limit::Global(self.max)));
+    fn admit(&mut self, uid: u32) -> Admit {
+        let held = self.held.entry(uid).or_insert(0);
+        *held += 1;
+        if *held > self.per_user_slots {
+            return Admit::RefusedNow(Refusal::LimitReached(Limit::PerUser(self.per_user)));
         }
-        let mine = self.by_uid.entry(uid).or_insert(0);
-        if *mine >= self.per_user {
-            return Err(Refusal::LimitReached(Limit::PerUser(self.per_user)));
+        if self.piping_total >= self.max {
+            return Admit::Refused(Refusal::LimitReached(Limit::Global(self.max)));
         }
-        *mine += 1;
-        self.active += 1;
-        Ok(())
+        let piping = self.piping.entry(uid).or_insert(0);
+        if *piping >= self.per_user {
+            return Admit::Refused(Refusal::LimitReached(Limit::PerUser(self.per_user)));
+        }
+        *piping += 1;
+        self.piping_total += 1;
+        Admit::Piped
     }
 
-    fn release(&mut self, uid: u32) {
-        if let Some(mine) = self.by_uid.get_mut(&uid) {
-            *mine = mine.saturating_sub(1);
-            if *mine == 0 {
-                self.by_uid.remove(&uid);
-            }
-        }
-        self.active = self.active.saturating_sub(1);
+    fn end_piping(&mut self, uid: u32) {
+        decrement(&mut self.piping, uid);
+        self.piping_total = self.piping_total.saturating_sub(1);
+    }
+
+    fn leave(&mut self, uid: u32) {
+        decrement(&mut self.held, uid);
     }
 }
 
@@ -149,12 +184,7 @@ impl Daemon {
         let reserve = (config.max_connections / 8).clamp(16, 1024);
         Ok(Daemon {
             slot_cap: (config.max_connections + reserve).min(token::MAX_SLOT),
-            limits: Limits {
-                max: config.max_connections,
-                per_user: config.max_connections_per_user,
-                active: 0,
-                by_uid: HashMap::new(),
-            },
+            limits: Limits::new(config.max_connections, config.max_connections_per_user),
             settings,
             poll,
             listener: Some(listener),
@@ -444,5 +474,37 @@ impl Daemon {
             }
             Err(err) => log::error!("conn={id} cannot watch the client socket: {err}; closed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_limits_per_user_then_global_then_hurried() {
+        let mut limits = Limits::new(3, 2);
+        assert_eq!(limits.per_user_slots, 6);
+        assert_eq!(limits.admit(1), Admit::Piped);
+        assert_eq!(limits.admit(1), Admit::Piped);
+        let per_user = Admit::Refused(Refusal::LimitReached(Limit::PerUser(2)));
+        assert_eq!(limits.admit(1), per_user);
+        assert_eq!(limits.admit(2), Admit::Piped);
+        let global = Admit::Refused(Refusal::LimitReached(Limit::Global(3)));
+        assert_eq!(limits.admit(2), global);
+        // uid 1 holds 3 connections; three more fill its slots, the next is hurried.
+        for _ in 0..3 {
+            assert!(matches!(limits.admit(1), Admit::Refused(_)));
+        }
+        assert!(matches!(limits.admit(1), Admit::RefusedNow(_)));
+        // Ending one pipe frees room for the other user.
+        limits.end_piping(2);
+        limits.leave(2);
+        limits.leave(2);
+        assert_eq!(limits.admit(2), Admit::Piped);
+        for _ in 0..7 {
+            limits.leave(1);
+        }
+        assert!(!limits.held.contains_key(&1), "counts return to zero");
     }
 }

@@ -466,7 +466,10 @@ fn refuse_503_flood_beyond_the_limit_is_answered_in_turn() {
     let conns = connect_many_as(&router.socket, uid, FLOOD).unwrap();
     let start = Instant::now();
     for (i, mut conn) in conns.into_iter().enumerate() {
-        let (bytes, _) = exchange(&mut conn, PING, WAIT);
+        // Far over the user's share, the router answers before the request arrives and
+        // closes: the write may then fail, but the answer is there to read.
+        let _ = conn.write_all(PING);
+        let bytes = read_to_eof(&mut conn, WAIT);
         assert!(!bytes.is_empty(), "client {i} got no answer");
         Reply::parse(&bytes).assert_docker_error(503, false);
     }
@@ -477,7 +480,9 @@ fn refuse_503_flood_beyond_the_limit_is_answered_in_turn() {
     );
     let lines = router.wait_conn_lines(FLOOD, WAIT);
     assert!(
-        lines.iter().all(|l| l.contains("reason=global-limit")),
+        lines
+            .iter()
+            .all(|l| l.contains("reason=global-limit") || l.contains("reason=user-limit")),
         "{lines:#?}"
     );
 
@@ -523,4 +528,52 @@ fn refuse_504_when_the_daemon_backlog_stays_full() {
     let mut conn = connect_as(&router.socket, uid);
     conn.write_all(b"back").unwrap();
     assert_eq!(read_exactly(&mut conn, 4, WAIT), b"back");
+}
+
+#[test]
+fn refuse_a_flood_of_silent_clients_cannot_delay_another_user() {
+    // One user (no daemon) opens far more silent connections than the router has slots. Each
+    // refusal waits up to 2 s for a request head, so without a per-user cap on refusals the
+    // flood would fill every slot and another user would wait in the listen queue.
+    if skip_without_root() {
+        return;
+    }
+    let flooder = 20231;
+    let victim = 20232;
+    const FLOOD: usize = 80;
+    let dir = TempDir::new("rflood-silent");
+    let router = Router::start(
+        &dir,
+        &["--max-connections", "16", "--max-connections-per-user", "4"],
+    );
+    let _server = Upstream::bind(&router.upstream_path(victim), victim).echo();
+
+    let silent = connect_many_as(&router.socket, flooder, FLOOD).unwrap();
+    thread::sleep(Duration::from_millis(200));
+
+    let started = Instant::now();
+    let mut conn = connect_as(&router.socket, victim);
+    conn.write_all(b"still served").unwrap();
+    assert_eq!(read_exactly(&mut conn, 12, WAIT), b"still served");
+    let took = started.elapsed();
+    assert!(
+        took < QUICK,
+        "another user waited {took:?} behind the flood"
+    );
+
+    // The flooder's connections beyond its share were answered at once, not held.
+    let answered_quickly = silent
+        .into_iter()
+        .filter_map(|mut conn| {
+            conn.set_read_timeout(Some(Duration::from_millis(300))).ok();
+            let mut buf = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut conn.stream, &mut buf);
+            (!buf.is_empty()).then(|| Reply::parse(&buf))
+        })
+        .filter(|reply| reply.status_line.starts_with("HTTP/1.1 503 "))
+        .count();
+    assert!(
+        answered_quickly >= FLOOD - 16,
+        "only {answered_quickly} of {FLOOD} got a 503"
+    );
 }

@@ -29,6 +29,9 @@
 //!    or at once on any other I/O error. Piping has no deadline: long streams never time out.
 //! 6. A refusal reads the request head (bounded in size and time) before replying, shuts down
 //!    its write side after the reply, and discards input until EOF or a short linger deadline.
+//!    A user far over their connection limit is answered at once, after one read of what the
+//!    client already sent, and closed without lingering ([`Input::RefusedNow`]), so refusals
+//!    cannot be used to hold the slots every user shares.
 //! 7. `Closed` asks for nothing more and has no deadline.
 
 use std::time::{Duration, Instant};
@@ -130,6 +133,10 @@ pub enum Input {
     Routed { upstream: String },
     /// The connection cannot be served (answer to `Identify` or `Route`).
     Refused(Refusal),
+    /// The connection cannot be served and may not hold its slot: reply at once, after reading
+    /// only what the client already sent, and close without lingering (answer to `Route` when
+    /// the user is far over their connection limit).
+    RefusedNow(Refusal),
     /// Answer to [`Op::Connect`].
     Connect(Connect),
     /// A readiness edge from the poller; may be spurious.
@@ -218,6 +225,9 @@ pub struct Drain {
     reply: Vec<u8>,
     written: usize,
     client_eof: bool,
+    /// A hurried refusal reads only what the client already sent, and closes right after the
+    /// reply instead of lingering.
+    hurried: bool,
     /// Bytes read and dropped after the head.
     discarded: u64,
     deadline: Instant,
@@ -364,7 +374,7 @@ impl Machine {
                 .filter(|half| half.ring.is_allocated())
                 .map(|half| half.ring.capacity())
                 .sum(),
-            State::Draining(_) => DRAIN_SCRATCH,
+            State::Draining(drain) => drain.scratch.len() + drain.reply.capacity(),
             _ => 0,
         }
     }
@@ -554,6 +564,11 @@ impl Machine {
                     self.refuse(refusal, now);
                 }
             }
+            Input::RefusedNow(refusal) => {
+                if matches!(self.state, State::Accepted | State::Resolving) {
+                    self.refuse_now(refusal, now);
+                }
+            }
             Input::Connect(result) => self.on_connect(result, now),
             Input::Timeout => self.on_timeout(now),
             Input::Read { side, outcome } => self.on_read(side, outcome, now),
@@ -592,10 +607,19 @@ impl Machine {
             reply: Vec::new(),
             written: 0,
             client_eof: false,
+            hurried: false,
             discarded: 0,
             deadline: now + self.settings.head_timeout,
             scratch: vec![0u8; DRAIN_SCRATCH].into_boxed_slice(),
         })));
+    }
+
+    fn refuse_now(&mut self, refusal: Refusal, now: Instant) {
+        self.refuse(refusal, now);
+        if let State::Draining(drain) = &mut self.state {
+            drain.hurried = true;
+            drain.deadline = now + self.settings.linger_timeout;
+        }
     }
 
     fn on_connect(&mut self, result: Connect, now: Instant) {
@@ -717,14 +741,19 @@ impl Machine {
                 Outcome::Progress(n) => {
                     if drain.phase == DrainPhase::ReadingHead {
                         let bytes = drain.scratch.get(..n).unwrap_or(&[]);
-                        if drain.head.feed(bytes).is_decided() {
+                        if drain.head.feed(bytes).is_decided() || drain.hurried {
                             Self::start_reply(drain, now, linger);
                         }
                     } else {
                         drain.discarded += n as u64;
                     }
                 }
-                Outcome::WouldBlock => self.ready.client.readable = false,
+                Outcome::WouldBlock => {
+                    self.ready.client.readable = false;
+                    if drain.phase == DrainPhase::ReadingHead && drain.hurried {
+                        Self::start_reply(drain, now, linger);
+                    }
+                }
                 Outcome::Eof => {
                     self.ready.client.readable = false;
                     drain.client_eof = true;
@@ -819,7 +848,7 @@ impl Machine {
             State::Draining(drain)
                 if side == Side::Client && drain.phase == DrainPhase::ShuttingDown =>
             {
-                if drain.client_eof {
+                if drain.client_eof || drain.hurried {
                     let end = End::Refused(drain.refusal.clone());
                     self.set_state(State::Closed(end));
                 } else {
@@ -1430,6 +1459,39 @@ mod tests {
         // The scratch buffer is larger than the head limit (64): one read decides.
         read(&mut m, Side::Client, &request, now);
         assert_eq!(m.next_op(), Some(Op::Write(Side::Client)));
+    }
+
+    #[test]
+    fn test_resolving_refused_now_replies_after_one_read_and_closes_without_linger() {
+        let now = Instant::now();
+        let mut m = Machine::new(1, settings(8));
+        m.handle(Input::Identified(CRED), now);
+        answer(
+            &mut m,
+            Input::RefusedNow(Refusal::LimitReached(Limit::PerUser(1))),
+            now,
+        );
+        assert_eq!(m.next_op(), Some(Op::Read(Side::Client)));
+        assert_eq!(m.deadline(), Some(now + Duration::from_secs(1)));
+        let outcome = Outcome::WouldBlock;
+        answer(
+            &mut m,
+            Input::Read {
+                side: Side::Client,
+                outcome,
+            },
+            now,
+        );
+        assert_eq!(
+            m.next_op(),
+            Some(Op::Write(Side::Client)),
+            "no waiting for a head"
+        );
+        let len = m.write_buf(Side::Client).len();
+        write(&mut m, Side::Client, Outcome::Progress(len), now);
+        assert_eq!(m.next_op(), Some(Op::ShutdownWrite(Side::Client)));
+        answer(&mut m, Input::ShutDown { side: Side::Client }, now);
+        assert!(matches!(m.end(), Some(End::Refused(r)) if r.status() == 503));
     }
 
     #[test]

@@ -30,12 +30,27 @@ use machine::{Connect, End, Input, Machine, Op, Side};
 /// Most operations one drive call performs before yielding to other connections.
 pub const STEP_BUDGET: usize = 64;
 
-/// Who may open how many piped connections; owned by the loop, consulted on `Route`.
+/// What the connection limits say about one more connection of a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    /// It may be piped.
+    Piped,
+    /// It is refused with this reply, after reading the request head.
+    Refused(Refusal),
+    /// The user holds far too many connections: answer at once and close.
+    RefusedNow(Refusal),
+}
+
+/// Who may hold how many connections; owned by the loop, consulted on `Route`.
 pub trait Admission {
-    /// Admits one more connection for `uid`, or says which limit stops it.
-    fn admit(&mut self, uid: u32) -> Result<(), Refusal>;
-    /// Gives back what [`Admission::admit`] took.
-    fn release(&mut self, uid: u32);
+    /// Counts one more connection of `uid` and decides what becomes of it. Every call is
+    /// matched by one [`Admission::leave`]; a [`Admit::Piped`] answer also by one
+    /// [`Admission::end_piping`].
+    fn admit(&mut self, uid: u32) -> Admit;
+    /// A connection admitted for piping no longer pipes (it closed or turned into a refusal).
+    fn end_piping(&mut self, uid: u32);
+    /// A connection counted by [`Admission::admit`] is closed.
+    fn leave(&mut self, uid: u32);
 }
 
 /// What the shell needs from the loop while it drives a connection.
@@ -65,7 +80,9 @@ pub struct Connection {
     upstream: Option<UnixStream>,
     /// The checked upstream socket, held between `Route` and a successful `Connect`.
     target: Option<OwnedFd>,
-    /// The uid this connection was admitted for, until it gives the admission back.
+    /// The uid this connection counts against, from `Route` until it closes.
+    counted: Option<u32>,
+    /// The uid this connection was admitted to pipe for, until it no longer pipes.
     admitted: Option<u32>,
     /// The deadline a timer was last armed for.
     pub armed: Option<Instant>,
@@ -88,6 +105,7 @@ impl Connection {
             client,
             upstream: None,
             target: None,
+            counted: None,
             admitted: None,
             armed: None,
         };
@@ -109,8 +127,10 @@ impl Connection {
             let before = self.machine.progress_marker();
             let input = self.perform(op, env);
             self.machine.handle(input, now);
-            if !self.machine.is_admitted_state() {
-                self.give_back_admission(env);
+            if !self.machine.is_admitted_state()
+                && let Some(uid) = self.admitted.take()
+            {
+                env.admission.end_piping(uid);
             }
             #[cfg(debug_assertions)]
             if let Err(broken) = self.machine.check_invariants() {
@@ -130,18 +150,17 @@ impl Connection {
             }
         }
         if self.machine.is_closed() {
-            self.give_back_admission(env);
+            if let Some(uid) = self.admitted.take() {
+                env.admission.end_piping(uid);
+            }
+            if let Some(uid) = self.counted.take() {
+                env.admission.leave(uid);
+            }
             Driven::Closed
         } else if self.machine.next_op().is_some() {
             Driven::MoreWork
         } else {
             Driven::Waiting
-        }
-    }
-
-    fn give_back_admission(&mut self, env: &mut Env<'_>) {
-        if let Some(uid) = self.admitted.take() {
-            env.admission.release(uid);
         }
     }
 
@@ -208,10 +227,12 @@ impl Connection {
         let Some(peer) = self.machine.peer() else {
             return Input::Refused(Refusal::Internal("route before identify".into()));
         };
-        if let Err(refusal) = env.admission.admit(peer.uid) {
-            return Input::Refused(refusal);
+        self.counted = Some(peer.uid);
+        match env.admission.admit(peer.uid) {
+            Admit::Piped => self.admitted = Some(peer.uid),
+            Admit::Refused(refusal) => return Input::Refused(refusal),
+            Admit::RefusedNow(refusal) => return Input::RefusedNow(refusal),
         }
-        self.admitted = Some(peer.uid);
         let path = env.template.path_for(peer.uid);
         match route::open_checked(&path, peer.uid) {
             Ok(target) => {
