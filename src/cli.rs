@@ -14,6 +14,8 @@ use crate::route::Template;
 
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_USER_SOCKET: &str = "/run/user/%d/docker.sock";
+/// The per-user limit when none is given (never above the global one).
+const DEFAULT_PER_USER: usize = 128;
 /// Above this, a slot index would not fit a poll token with room to spare.
 const MAX_CONNECTIONS_LIMIT: usize = 1 << 19;
 
@@ -36,9 +38,9 @@ pub struct Args {
     #[argh(option, default = "String::from(\"512\")")]
     pub max_connections: String,
 
-    /// most connections one user may have at once (default 128)
-    #[argh(option, default = "String::from(\"128\")")]
-    pub max_connections_per_user: String,
+    /// most connections one user may have at once (default 128, at most --max-connections)
+    #[argh(option)]
+    pub max_connections_per_user: Option<String>,
 
     /// buffer per direction of a connection, e.g. 32768 or 32K (default 32K)
     #[argh(option, default = "String::from(\"32K\")")]
@@ -114,8 +116,45 @@ const VALUE_OPTIONS: &[&str] = &[
     "--syslog-socket",
 ];
 
-/// Rewrites Go-style `-name` and `--name=value` arguments into the `--name value` form.
+/// Rewrites Go-style `-name` and `--name=value` arguments into the `--name value` form, `-h`
+/// into `--help`, and keeps only the last of repeated flags (as Go's `flag` package does).
 pub fn normalize_args(args: &[String]) -> Vec<String> {
+    let rewritten = rewrite_go_style(args);
+    // Group into (flag, value?) items, then drop every item a later one repeats.
+    let mut items: Vec<&[String]> = Vec::new();
+    let mut index = 0;
+    while let Some(arg) = rewritten.get(index) {
+        let takes_value = VALUE_OPTIONS.contains(&arg.as_str());
+        if arg == "--" {
+            items.push(rewritten.get(index..).unwrap_or_default());
+            break;
+        }
+        let len = if takes_value && index + 1 < rewritten.len() {
+            2
+        } else {
+            1
+        };
+        items.push(rewritten.get(index..index + len).unwrap_or_default());
+        index += len;
+    }
+    let mut out = Vec::with_capacity(rewritten.len());
+    for (position, item) in items.iter().enumerate() {
+        let name = item.first().map(String::as_str).unwrap_or_default();
+        let repeated_later = name.starts_with("--")
+            && name != "--"
+            && items
+                .get(position + 1..)
+                .unwrap_or_default()
+                .iter()
+                .any(|later| later.first().map(String::as_str) == Some(name));
+        if !repeated_later {
+            out.extend(item.iter().cloned());
+        }
+    }
+    out
+}
+
+fn rewrite_go_style(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut expect_value = false;
     let mut rest_are_positional = false;
@@ -128,6 +167,10 @@ pub fn normalize_args(args: &[String]) -> Vec<String> {
         if arg == "--" {
             rest_are_positional = true;
             out.push(arg.clone());
+            continue;
+        }
+        if arg == "-h" {
+            out.push("--help".into());
             continue;
         }
         let long = if arg.starts_with("--") {
@@ -180,8 +223,11 @@ fn validate(args: Args) -> Result<Config, String> {
     let socket_mode = parse_mode(&args.socket_mode).map_err(|e| format!("--socket-mode: {e}"))?;
     let max_connections = parse_count(&args.max_connections, MAX_CONNECTIONS_LIMIT)
         .map_err(|e| format!("--max-connections: {e}"))?;
-    let max_connections_per_user = parse_count(&args.max_connections_per_user, max_connections)
-        .map_err(|e| format!("--max-connections-per-user: {e} (at most --max-connections)"))?;
+    let max_connections_per_user = match &args.max_connections_per_user {
+        Some(text) => parse_count(text, max_connections)
+            .map_err(|e| format!("--max-connections-per-user: {e} (at most --max-connections)"))?,
+        None => DEFAULT_PER_USER.min(max_connections),
+    };
     let buffer_size = parse_size(&args.buffer_size).map_err(|e| format!("--buffer-size: {e}"))?;
     let connect_timeout = parse_duration(&args.connect_timeout)
         .and_then(non_zero)
@@ -344,6 +390,31 @@ mod tests {
             parse("p", &strings(&["--version"])),
             Ok(Command::Version)
         ));
+    }
+
+    #[test]
+    fn test_cli_repeated_flags_last_one_wins_and_dash_h_is_help() {
+        let config = config(&["--socket", "/a", "-socket=/b", "-verbose", "--verbose"]).unwrap();
+        assert_eq!(config.socket, PathBuf::from("/b"));
+        assert!(config.verbose);
+        let help = parse("p", &strings(&["-h"])).unwrap_err();
+        assert!(help.status.is_ok() && help.output.contains("--user-socket"));
+    }
+
+    #[test]
+    fn test_cli_per_user_default_follows_a_small_global_limit() {
+        assert_eq!(
+            config(&["--max-connections", "100"])
+                .unwrap()
+                .max_connections_per_user,
+            100
+        );
+        assert_eq!(
+            config(&["--max-connections", "1000"])
+                .unwrap()
+                .max_connections_per_user,
+            128
+        );
     }
 
     #[test]

@@ -24,11 +24,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(exit) if exit.status.is_ok() => {
-            println!("{}", exit.output);
+            println!("{}", exit.output.trim_end());
             return ExitCode::SUCCESS;
         }
         Err(exit) => {
-            eprintln!("{}", exit.output);
+            eprintln!("{}", exit.output.trim_end());
             return ExitCode::from(2);
         }
     };
