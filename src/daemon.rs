@@ -54,6 +54,7 @@ const BACKLOG: i32 = 4096;
 pub enum StartupError {
     Listen(ListenError),
     Io { what: &'static str, err: io::Error },
+    Config(String),
 }
 
 impl fmt::Display for StartupError {
@@ -61,6 +62,7 @@ impl fmt::Display for StartupError {
         match self {
             StartupError::Listen(err) => err.fmt(f),
             StartupError::Io { what, err } => write!(f, "{what}: {err}"),
+            StartupError::Config(message) => f.write_str(message),
         }
     }
 }
@@ -137,6 +139,30 @@ impl Admission for Limits {
     }
 }
 
+/// Raises the soft descriptor limit to the hard one, and warns if even that is too low for
+/// `slots` connections (two sockets each, plus a few for the loop itself).
+fn ensure_descriptors(slots: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let needed = (2 * slots + 32) as u64;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let mut limit = soft;
+    if soft < hard && soft < needed {
+        let raised = hard.min(needed.max(soft));
+        if setrlimit(Resource::RLIMIT_NOFILE, raised, hard).is_ok() {
+            limit = raised;
+        }
+    }
+    if limit < needed {
+        log::warn!(
+            "up to {slots} connections need about {needed} file descriptors, but the limit is \
+             {limit}: raise it (LimitNOFILE= in the unit, ulimit -n) or lower --max-connections; \
+             until then accepting pauses when descriptors run out"
+        );
+    }
+}
+
 pub struct Daemon {
     config: Config,
     settings: Settings,
@@ -160,6 +186,14 @@ pub struct Daemon {
 impl Daemon {
     /// Binds the socket and sets up the loop; nothing is accepted until [`Daemon::run`].
     pub fn new(config: Config) -> Result<Daemon, StartupError> {
+        if let Some(link) = config.user_socket.symlink_in_fixed_dir() {
+            return Err(StartupError::Config(format!(
+                "--user-socket {}: {} is a symbolic link, and symlinks in users' socket paths \
+                 are never followed, so every user would be refused; use the real path",
+                config.user_socket,
+                link.display()
+            )));
+        }
         let signals = Signals::new().map_err(startup("set up signal handling"))?;
         let poll = Poll::new().map_err(startup("create the poller"))?;
         let mut listener = Listener::bind(&config.socket, config.socket_mode, BACKLOG)
@@ -182,8 +216,10 @@ impl Daemon {
             head_limit: HEAD_LIMIT,
         };
         let reserve = (config.max_connections / 8).clamp(16, 1024);
+        let slot_cap = (config.max_connections + reserve).min(token::MAX_SLOT);
+        ensure_descriptors(slot_cap);
         Ok(Daemon {
-            slot_cap: (config.max_connections + reserve).min(token::MAX_SLOT),
+            slot_cap,
             limits: Limits::new(config.max_connections, config.max_connections_per_user),
             settings,
             poll,
@@ -247,7 +283,7 @@ impl Daemon {
                 self.abort_all(now);
             }
             if self.grace_deadline.is_some() && self.conns.is_empty() {
-                log::info!("stopped; {}", self.counters.summary());
+                log::info!("stopped; {}", self.counters.summary(std::iter::empty()));
                 return Ok(());
             }
         }
@@ -279,8 +315,11 @@ impl Daemon {
     fn on_signals(&mut self, now: Instant) -> bool {
         for request in self.signals.drain() {
             match request {
-                Request::Counters => log::info!("{}", self.counters.summary()),
-                Request::Hangup => log::info!("SIGHUP ignored: nothing to reload"),
+                Request::Counters => {
+                    let live = self.conns.iter().map(|(_, conn)| conn.machine.bytes());
+                    log::info!("{}", self.counters.summary(live));
+                }
+                Request::Ignored(name) => log::info!("{name} ignored"),
                 Request::Stop if self.grace_deadline.is_some() => return true,
                 Request::Stop => self.begin_stop(now),
             }
@@ -301,7 +340,7 @@ impl Daemon {
             log::warn!("cannot tell systemd we are stopping: {err}");
         }
         log::info!(
-            "stopping: {} connections open, grace period {} ms",
+            "stopping: open connections: {}, grace period {} ms",
             self.conns.len(),
             self.config.shutdown_timeout.as_millis()
         );

@@ -50,8 +50,10 @@ impl Counters {
         }
     }
 
-    /// One `key=value` line with every counter.
-    pub fn summary(&self) -> String {
+    /// One `key=value` line with every counter; `live` gives the bytes each open connection has
+    /// moved so far (to the daemon, from the daemon), so long streams are counted too.
+    pub fn summary(&self, live: impl Iterator<Item = (u64, u64)>) -> String {
+        let (live_up, live_down) = live.fold((0, 0), |(up, down), (u, d)| (up + u, down + d));
         format!(
             "counters accepted={} active={} peak_active={} completed={} reset={} errors={} \
              aborted={} refused_403={} refused_500={} refused_502={} refused_503={} \
@@ -68,8 +70,8 @@ impl Counters {
             self.refused_502,
             self.refused_503,
             self.refused_504,
-            self.bytes_to_daemon,
-            self.bytes_from_daemon,
+            self.bytes_to_daemon + live_up,
+            self.bytes_from_daemon + live_down,
             self.accept_errors
         )
     }

@@ -87,6 +87,30 @@ impl Template {
         Ok(Template { before, after })
     }
 
+    /// The directory part before the uid (`/run/user` for `/run/user/%d/docker.sock`), the same
+    /// for every user.
+    pub fn fixed_dir(&self) -> &str {
+        match self.before.rfind('/') {
+            Some(0) | None => "/",
+            Some(end) => self.before.get(..end).unwrap_or("/"),
+        }
+    }
+
+    /// The first existing component of [`Template::fixed_dir`] that is a symlink: since
+    /// symlinks are never followed, every user would be refused.
+    pub fn symlink_in_fixed_dir(&self) -> Option<std::path::PathBuf> {
+        let mut path = std::path::PathBuf::from("/");
+        for component in self.fixed_dir().split('/').filter(|c| !c.is_empty()) {
+            path.push(component);
+            match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.file_type().is_symlink() => return Some(path),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
     /// The socket path of this uid.
     pub fn path_for(&self, uid: u32) -> String {
         format!("{}{}{}", self.before, uid, self.after)
@@ -215,6 +239,28 @@ mod tests {
         let literal = Template::parse("/srv/100%%/%d.sock").unwrap();
         assert_eq!(literal.path_for(7), "/srv/100%/7.sock");
         assert_eq!(literal.to_string(), "/srv/100%%/%d.sock");
+    }
+
+    #[test]
+    fn test_template_fixed_dir_and_symlinks_in_it() {
+        let template = Template::parse("/run/user/%d/docker.sock").unwrap();
+        assert_eq!(template.fixed_dir(), "/run/user");
+        assert_eq!(Template::parse("/%d.sock").unwrap().fixed_dir(), "/");
+        assert_eq!(
+            Template::parse("/srv/u%d/d.sock").unwrap().fixed_dir(),
+            "/srv"
+        );
+        let dir = temp_dir("fixed");
+        symlink(&dir, dir.join("alias")).unwrap();
+        let through = format!("{}/alias/%d.sock", dir.display());
+        let found = Template::parse(&through).unwrap().symlink_in_fixed_dir();
+        assert_eq!(found, Some(dir.join("alias")));
+        let direct = format!("{}/%d.sock", dir.display());
+        assert_eq!(
+            Template::parse(&direct).unwrap().symlink_in_fixed_dir(),
+            None
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

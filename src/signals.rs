@@ -1,7 +1,7 @@
 //! Signals as readable events: a non-blocking `signalfd` registered with the poller.
 //!
-//! Contract: [`Signals::new`] blocks `SIGTERM`, `SIGINT`, `SIGUSR1` and `SIGHUP` for the (single)
-//! thread and delivers them through a descriptor; [`Signals::drain`] reads all pending ones
+//! Contract: [`Signals::new`] blocks `SIGTERM`, `SIGINT`, `SIGUSR1`, `SIGUSR2` and `SIGHUP` for
+//! the (single) thread and delivers them through a descriptor; [`Signals::drain`] reads all pending ones
 //! without blocking. `SIGPIPE` stays ignored (Rust's runtime does that), so a write to a closed
 //! peer is an `EPIPE` error, not a death.
 
@@ -18,8 +18,8 @@ pub enum Request {
     Stop,
     /// `SIGUSR1`.
     Counters,
-    /// `SIGHUP`: nothing to reload yet; it is logged and ignored.
-    Hangup,
+    /// `SIGHUP` (nothing to reload yet) or `SIGUSR2`: logged and ignored, never fatal.
+    Ignored(&'static str),
 }
 
 pub struct Signals {
@@ -33,6 +33,7 @@ impl Signals {
             Signal::SIGTERM,
             Signal::SIGINT,
             Signal::SIGUSR1,
+            Signal::SIGUSR2,
             Signal::SIGHUP,
         ] {
             mask.add(signal);
@@ -53,7 +54,8 @@ impl Signals {
         while let Ok(Some(info)) = self.fd.read_signal() {
             let request = match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGUSR1) => Request::Counters,
-                Ok(Signal::SIGHUP) => Request::Hangup,
+                Ok(Signal::SIGHUP) => Request::Ignored("SIGHUP (nothing to reload)"),
+                Ok(Signal::SIGUSR2) => Request::Ignored("SIGUSR2"),
                 _ => Request::Stop,
             };
             requests.push(request);

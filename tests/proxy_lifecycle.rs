@@ -372,7 +372,7 @@ fn lifecycle_sigterm_lets_open_streams_finish() {
     }
 
     router.signal(Signal::SIGTERM);
-    router.wait_log(&["stopping: 2 connections open"], WAIT);
+    router.wait_log(&["stopping: open connections: 2"], WAIT);
     // The socket goes at once: new clients find nothing to connect to.
     wait_gone(&router.socket, Duration::from_secs(2));
     let err = UnixStream::connect(&router.socket).unwrap_err();
@@ -450,7 +450,7 @@ fn lifecycle_second_signal_exits_at_once() {
     assert_eq!(read_exactly(&mut held, 1, WAIT), b"x");
 
     router.signal(Signal::SIGTERM);
-    router.wait_log(&["stopping: 1 connections open"], WAIT);
+    router.wait_log(&["stopping: open connections: 1"], WAIT);
     thread::sleep(Duration::from_millis(100));
     assert!(router.is_running(), "the grace period is 60 s");
     let start = Instant::now();
@@ -472,8 +472,46 @@ fn lifecycle_sighup_is_ignored() {
     let _server = Upstream::bind(&router.upstream_path(uid), uid).echo();
     router.signal(Signal::SIGHUP);
     router.wait_log(&["SIGHUP"], WAIT);
+    router.signal(Signal::SIGUSR2);
+    router.wait_log(&["SIGUSR2 ignored"], WAIT);
     assert!(router.is_running());
     assert_served(&router, uid);
+}
+
+#[test]
+fn lifecycle_counters_include_open_connections() {
+    let uid = test_uid(20320);
+    let dir = TempDir::new("usr1-live");
+    let router = Router::start(&dir, &[]);
+    let _server = Upstream::bind(&router.upstream_path(uid), uid).echo();
+    let mut conn = connect_as(&router.socket, uid);
+    conn.write_all(&[7u8; 3000]).unwrap();
+    assert_eq!(read_exactly(&mut conn, 3000, WAIT).len(), 3000);
+    router.signal(Signal::SIGUSR1);
+    let line = router.wait_log(&["counters "], WAIT);
+    assert!(line.contains("active=1"), "{line}");
+    assert!(line.contains("bytes_to_daemon=3000"), "{line}");
+    assert!(line.contains("bytes_from_daemon=3000"), "{line}");
+}
+
+#[test]
+fn cli_user_socket_through_a_symlinked_dir_is_refused_at_start() {
+    let dir = TempDir::new("tmpl-link");
+    std::os::unix::fs::symlink(dir.path(), dir.join("alias")).unwrap();
+    let socket = dir.join("docker.sock");
+    let template = format!("{}/alias/%d.sock", dir.path().display());
+    let (status, _, stderr) = run_router(
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--user-socket",
+            &template,
+        ],
+        WAIT,
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is a symbolic link"), "{stderr}");
+    assert!(!socket.exists(), "nothing is bound");
 }
 
 #[test]
