@@ -8,7 +8,45 @@
 //!   and calls [`Ring::commit`]; the consumer reads [`Ring::readable_slice`] (one contiguous run of
 //!   queued bytes) and calls [`Ring::consume`]. A wrapped ring needs two rounds of each; when the
 //!   ring becomes empty its offsets reset, so a drained ring offers its whole capacity at once.
+//! - Released storage goes to a small per-thread pool (at most [`POOL_LIMIT`] buffers) and is
+//!   reused by the next ring that needs one of the same size, so request/response traffic does
+//!   not allocate and zero a buffer per burst. The pool only caches memory: no behaviour depends
+//!   on it, and it bounds the idle memory to `POOL_LIMIT × buffer size`.
 //! - Capacity 0 is allowed: it never accepts a byte (useful only to tests).
+
+use std::cell::RefCell;
+
+/// The most released buffers kept for reuse (per thread; the router has one).
+pub const POOL_LIMIT: usize = 8;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `capacity` bytes, from the pool when one of that size is there.
+fn take_storage(capacity: usize) -> Box<[u8]> {
+    let pooled = POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let index = pool.iter().position(|buf| buf.len() == capacity)?;
+        Some(pool.swap_remove(index))
+    });
+    pooled.unwrap_or_else(|| vec![0u8; capacity].into_boxed_slice())
+}
+
+/// Keeps a released buffer for reuse if the pool has room; frees it otherwise.
+fn give_back_storage(storage: Box<[u8]>) {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOL_LIMIT {
+            pool.push(storage);
+        }
+    });
+}
+
+/// How many released buffers the pool holds now.
+pub fn pooled_buffers() -> usize {
+    POOL.with(|pool| pool.borrow().len())
+}
 
 /// A fixed-capacity FIFO of bytes with lazily allocated storage.
 #[derive(Debug)]
@@ -68,7 +106,7 @@ impl Ring {
         };
         let storage = self
             .storage
-            .get_or_insert_with(|| vec![0u8; capacity].into_boxed_slice());
+            .get_or_insert_with(|| take_storage(capacity));
         storage.get_mut(tail..end).unwrap_or(&mut [])
     }
 
@@ -104,10 +142,12 @@ impl Ring {
         self.release();
     }
 
-    /// Gives the storage back to the allocator if nothing is queued.
+    /// Gives the storage back (to the pool, or the allocator) if nothing is queued.
     pub fn release(&mut self) {
         if self.len == 0 {
-            self.storage = None;
+            if let Some(storage) = self.storage.take() {
+                give_back_storage(storage);
+            }
             self.head = 0;
         }
     }
@@ -157,6 +197,27 @@ mod tests {
         assert_eq!(pop(&mut ring, 10), b"abc");
         ring.release();
         assert!(!ring.is_allocated());
+    }
+
+    #[test]
+    fn test_ring_reuses_released_buffers_up_to_the_pool_limit() {
+        let mut rings: Vec<Ring> = (0..POOL_LIMIT + 2).map(|_| Ring::new(64)).collect();
+        for ring in &mut rings {
+            push(ring, b"x");
+            pop(ring, 1);
+        }
+        let before = pooled_buffers();
+        for ring in &mut rings {
+            ring.release();
+        }
+        assert_eq!(pooled_buffers(), POOL_LIMIT.max(before));
+        let mut again = Ring::new(64);
+        push(&mut again, b"reused");
+        assert_eq!(pooled_buffers(), POOL_LIMIT - 1);
+        assert_eq!(pop(&mut again, 10), b"reused", "a reused buffer holds only new bytes");
+        let mut other_size = Ring::new(32);
+        push(&mut other_size, b"y");
+        assert_eq!(pooled_buffers(), POOL_LIMIT - 1, "only buffers of the same size are reused");
     }
 
     #[test]
