@@ -104,9 +104,7 @@ impl Ring {
         } else {
             self.head
         };
-        let storage = self
-            .storage
-            .get_or_insert_with(|| take_storage(capacity));
+        let storage = self.storage.get_or_insert_with(|| take_storage(capacity));
         storage.get_mut(tail..end).unwrap_or(&mut [])
     }
 
@@ -214,10 +212,18 @@ mod tests {
         let mut again = Ring::new(64);
         push(&mut again, b"reused");
         assert_eq!(pooled_buffers(), POOL_LIMIT - 1);
-        assert_eq!(pop(&mut again, 10), b"reused", "a reused buffer holds only new bytes");
+        assert_eq!(
+            pop(&mut again, 10),
+            b"reused",
+            "a reused buffer holds only new bytes"
+        );
         let mut other_size = Ring::new(32);
         push(&mut other_size, b"y");
-        assert_eq!(pooled_buffers(), POOL_LIMIT - 1, "only buffers of the same size are reused");
+        assert_eq!(
+            pooled_buffers(),
+            POOL_LIMIT - 1,
+            "only buffers of the same size are reused"
+        );
     }
 
     #[test]
