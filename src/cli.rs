@@ -116,6 +116,18 @@ const VALUE_OPTIONS: &[&str] = &[
     "--syslog-socket",
 ];
 
+/// Flags without a value.
+const SWITCHES: &[&str] = &["--verbose", "--version", "--help"];
+
+/// Go's `strconv.ParseBool` spellings.
+fn go_bool(text: &str) -> Option<bool> {
+    match text {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 /// Rewrites Go-style `-name` and `--name=value` arguments into the `--name value` form, `-h`
 /// into `--help`, and keeps only the last of repeated flags (as Go's `flag` package does).
 pub fn normalize_args(args: &[String]) -> Vec<String> {
@@ -182,6 +194,13 @@ fn rewrite_go_style(args: &[String]) -> Vec<String> {
             continue;
         };
         match long.split_once('=') {
+            // A switch takes Go's boolean spellings (`-verbose=false`); anything else stays one
+            // argument, which the parser then rejects by name.
+            Some((name, value)) if SWITCHES.contains(&name) => match go_bool(value) {
+                Some(true) => out.push(name.to_string()),
+                Some(false) => {}
+                None => out.push(long.clone()),
+            },
             Some((name, value)) => {
                 out.push(name.to_string());
                 out.push(value.to_string());

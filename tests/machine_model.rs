@@ -139,7 +139,6 @@ proptest! {
     /// linger_timeout` of the refusal, however the client behaves. The machine (and the README)
     /// allow `linger_timeout` more: see `test_refusal_slow_reader_outlives_head_plus_linger`.
     #[test]
-    #[ignore = "spec question: the README allows head + 2 x linger; the issue says head + linger"]
     fn prop_machine_refusal_ends_within_head_plus_linger(
         header in vec(any::<u8>(), 8..200),
         steps in trickling_client(),
@@ -353,7 +352,6 @@ fn test_refusal_hurried_replies_after_one_read_and_closes_without_linger() {
 /// out; at 69 ms the client reads the rest in three gulps, the reply completes, the machine shuts
 /// down and lingers until 89 ms. At 88 ms it is still open: 88 > 50 + 20.
 #[test]
-#[ignore = "spec question: the README allows head + 2 x linger; the issue says head + linger"]
 fn test_refusal_slow_reader_outlives_head_plus_linger() {
     let scenario = slow_reader();
     let strict = Options {
@@ -400,7 +398,6 @@ fn slow_reader() -> Scenario {
 /// `Closed` is final: an `Abort` after the end must not rewrite how the connection ended. (The
 /// daemon frees a closed connection at once, so this is not reachable through the loop today.)
 #[test]
-#[ignore = "finding: Input::Abort rewrites the End of a closed machine (one-line fix in handle)"]
 fn test_closed_abort_keeps_its_end() {
     use docker_socket_router::conn::machine::{Input, Machine};
     let now = std::time::Instant::now();

@@ -126,7 +126,6 @@ fn test_fuzz_seeds_template_and_cli_values() {
 /// the version. Go's `flag` package takes `-name=true|false` for a boolean flag; unit files
 /// written for the Go tool may use it.
 #[test]
-#[ignore = "finding: a switch given a value (-verbose=false) is split into two arguments"]
 fn test_cli_switch_with_a_value_is_not_split() {
     use docker_socket_router::cli::{Command, parse};
     let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();

@@ -28,7 +28,8 @@
 //!    Piping ends when both directions are finished (end of stream passed on, or sink broken),
 //!    or at once on any other I/O error. Piping has no deadline: long streams never time out.
 //! 6. A refusal reads the request head (bounded in size and time) before replying, shuts down
-//!    its write side after the reply, and discards input until EOF or a short linger deadline.
+//!    its write side after the reply, and discards input until EOF; reply, shutdown and linger
+//!    share one linger period, so a refusal ends within head timeout + linger timeout.
 //!    A user far over their connection limit is answered at once, after one read of what the
 //!    client already sent, and closed without lingering ([`Input::RefusedNow`]), so refusals
 //!    cannot be used to hold the slots every user shares.
@@ -541,7 +542,11 @@ impl Machine {
                 ready.readable |= readable;
                 ready.writable |= writable;
             }
-            Input::Abort => self.set_state(State::Closed(End::Aborted)),
+            Input::Abort => {
+                if !self.is_closed() {
+                    self.set_state(State::Closed(End::Aborted));
+                }
+            }
             Input::Identified(cred) => {
                 if matches!(self.state, State::Accepted) {
                     self.peer = Some(cred);
@@ -572,8 +577,8 @@ impl Machine {
             Input::Connect(result) => self.on_connect(result, now),
             Input::Timeout => self.on_timeout(now),
             Input::Read { side, outcome } => self.on_read(side, outcome, now),
-            Input::Wrote { side, outcome } => self.on_wrote(side, outcome, now),
-            Input::ShutDown { side } => self.on_shutdown(side, now),
+            Input::Wrote { side, outcome } => self.on_wrote(side, outcome),
+            Input::ShutDown { side } => self.on_shutdown(side),
         }
     }
 
@@ -775,8 +780,7 @@ impl Machine {
         }
     }
 
-    fn on_wrote(&mut self, side: Side, outcome: Outcome, now: Instant) {
-        let linger = self.settings.linger_timeout;
+    fn on_wrote(&mut self, side: Side, outcome: Outcome) {
         match &mut self.state {
             State::Piping {
                 to_upstream,
@@ -813,8 +817,9 @@ impl Machine {
                 Outcome::Progress(n) => {
                     drain.written = (drain.written + n).min(drain.reply.len());
                     if drain.phase == DrainPhase::Replying && drain.written == drain.reply.len() {
+                        // The deadline set when the reply started stays: reply, shutdown and
+                        // linger share one linger period, so a refusal ends within head + linger.
                         drain.phase = DrainPhase::ShuttingDown;
-                        drain.deadline = now + linger;
                     }
                 }
                 Outcome::WouldBlock => self.ready.client.writable = false,
@@ -827,8 +832,7 @@ impl Machine {
         }
     }
 
-    fn on_shutdown(&mut self, side: Side, now: Instant) {
-        let linger = self.settings.linger_timeout;
+    fn on_shutdown(&mut self, side: Side) {
         match &mut self.state {
             State::Piping {
                 to_upstream,
@@ -853,7 +857,6 @@ impl Machine {
                     self.set_state(State::Closed(end));
                 } else {
                     drain.phase = DrainPhase::Lingering;
-                    drain.deadline = now + linger;
                 }
             }
             _ => {}
