@@ -369,11 +369,15 @@ impl Daemon {
         // Closed and error flags are hints: the next read or write tells the truth.
         let readable = event.is_readable() || event.is_read_closed() || event.is_error();
         let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+        // Both directions of our socket are shut: the peer closed (or we shut our side and it
+        // half-closed, which the machine tells apart).
+        let hangup = event.is_write_closed() || event.is_error();
         conn.machine.handle(
             Input::Ready {
                 side: decoded.side,
                 readable,
                 writable,
+                hangup,
             },
             now,
         );

@@ -449,3 +449,33 @@ fn pipe_reset_by_the_daemon_is_passed_on() {
         "{line}"
     );
 }
+
+#[test]
+fn pipe_client_that_vanishes_after_its_eof_is_noticed_while_the_daemon_is_silent() {
+    // An attach whose client sent stdin EOF and then died: the daemon keeps the stream open
+    // and says nothing. The router must notice the client is gone and end the connection,
+    // instead of holding both sockets until the daemon next writes.
+    let uid = test_uid(20120);
+    let dir = TempDir::new("vanish");
+    let router = Router::start(&dir, &[]);
+    let _server = Upstream::bind(&router.upstream_path(uid), uid).serve(|mut stream| {
+        let mut stdin = Vec::new();
+        let _ = stream.read_to_end(&mut stdin);
+        thread::sleep(Duration::from_secs(15)); // silent, the stream held open
+        drop(stream);
+    });
+    let mut conn = connect_as(&router.socket, uid);
+    conn.write_all(b"stdin").unwrap();
+    conn.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let gone = Instant::now();
+    drop(conn);
+    let line = router.wait_conn_line(uid, Duration::from_secs(5));
+    assert!(
+        gone.elapsed() < QUICK,
+        "noticed only after {:?}",
+        gone.elapsed()
+    );
+    assert_eq!(field(&line, "bytes_to_daemon"), Some("5"), "{line}");
+    assert_eq!(field(&line, "outcome"), Some("completed"), "{line}");
+}

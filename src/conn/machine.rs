@@ -140,11 +140,14 @@ pub enum Input {
     RefusedNow(Refusal),
     /// Answer to [`Op::Connect`].
     Connect(Connect),
-    /// A readiness edge from the poller; may be spurious.
+    /// A readiness edge from the poller; may be spurious. `hangup` says the peer can no longer
+    /// receive (it closed its socket): the direction towards it ends even if nothing is
+    /// pending for it, so a client that vanished is noticed while its daemon stays silent.
     Ready {
         side: Side,
         readable: bool,
         writable: bool,
+        hangup: bool,
     },
     /// Answer to [`Op::Read`].
     Read { side: Side, outcome: Outcome },
@@ -537,10 +540,14 @@ impl Machine {
                 side,
                 readable,
                 writable,
+                hangup,
             } => {
                 let ready = self.ready.side_mut(side);
                 ready.readable |= readable;
                 ready.writable |= writable;
+                if hangup {
+                    self.on_hangup(side);
+                }
             }
             Input::Abort => {
                 if !self.is_closed() {
@@ -863,6 +870,31 @@ impl Machine {
         }
     }
 
+    /// The peer on `side` closed its socket. A sink we already shut down ourselves stays as it
+    /// is (our own shutdown plus the peer's half-close also reads as a hangup); an open one
+    /// breaks, as a write to it would.
+    fn on_hangup(&mut self, side: Side) {
+        if let State::Piping {
+            to_upstream,
+            to_client,
+            ..
+        } = &mut self.state
+        {
+            let towards = match side {
+                Side::Client => to_client,
+                Side::Upstream => to_upstream,
+            };
+            if towards.sink == Sink::Open {
+                // A peer that left after taking everything it was sent ended normally.
+                if towards.has_pending() {
+                    self.first_reset.get_or_insert(side);
+                }
+                towards.break_sink();
+            }
+            self.finish_if_done();
+        }
+    }
+
     fn finish_if_done(&mut self) {
         if let State::Piping {
             to_upstream,
@@ -1019,6 +1051,7 @@ mod tests {
                 side,
                 readable,
                 writable,
+                hangup: false,
             },
             now,
         );
@@ -1280,6 +1313,92 @@ mod tests {
     }
 
     #[test]
+    fn test_piping_client_hangup_after_its_eof_ends_while_the_daemon_is_silent() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Client, b"", now);
+        answer(
+            &mut m,
+            Input::ShutDown {
+                side: Side::Upstream,
+            },
+            now,
+        );
+        let (readable, writable, hangup) = (true, true, true);
+        let side = Side::Client;
+        answer(
+            &mut m,
+            Input::Ready {
+                side,
+                readable,
+                writable,
+                hangup,
+            },
+            now,
+        );
+        assert_eq!(
+            m.end(),
+            Some(&End::Completed),
+            "nothing was owed to the client"
+        );
+    }
+
+    #[test]
+    fn test_piping_client_hangup_with_output_owed_is_a_reset() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Upstream, b"owed", now);
+        let hangup = Input::Ready {
+            side: Side::Client,
+            readable: true,
+            writable: true,
+            hangup: true,
+        };
+        answer(&mut m, hangup, now);
+        assert_eq!(
+            m.state().name(),
+            "piping",
+            "the client may still have bytes to read"
+        );
+        read(&mut m, Side::Client, b"", now);
+        answer(
+            &mut m,
+            Input::ShutDown {
+                side: Side::Upstream,
+            },
+            now,
+        );
+        assert_eq!(m.end(), Some(&End::Reset(Side::Client)));
+        assert_eq!(m.bytes(), (0, 0));
+    }
+
+    #[test]
+    fn test_piping_hangup_after_our_own_shutdown_changes_nothing() {
+        let now = Instant::now();
+        let mut m = piping(now);
+        read(&mut m, Side::Upstream, b"", now);
+        answer(&mut m, Input::ShutDown { side: Side::Client }, now);
+        // The client half-closed too: both directions of our socket are shut, which reads as
+        // a hangup, yet the client may still be sending.
+        let (readable, writable, hangup) = (true, false, true);
+        let side = Side::Client;
+        answer(
+            &mut m,
+            Input::Ready {
+                side,
+                readable,
+                writable,
+                hangup,
+            },
+            now,
+        );
+        assert_eq!(m.state().name(), "piping");
+        read(&mut m, Side::Client, b"late", now);
+        edge(&mut m, Side::Upstream, false, true, now);
+        assert_eq!(m.write_buf(Side::Upstream), b"late");
+    }
+
+    #[test]
     fn test_piping_failed_io_closes_at_once() {
         let now = Instant::now();
         let mut m = piping(now);
@@ -1508,6 +1627,7 @@ mod tests {
                 side: Side::Client,
                 readable: true,
                 writable: true,
+                hangup: false,
             },
             Input::Connect(Connect::Connected),
             Input::Read {

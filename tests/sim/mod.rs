@@ -738,6 +738,7 @@ impl Sim {
                 side,
                 readable,
                 writable,
+                hangup: false,
             },
             self.now,
         );
@@ -1651,11 +1652,13 @@ impl Sim {
                 side: Side::Client,
                 readable: true,
                 writable: true,
+                hangup: false,
             },
             Input::Ready {
                 side: Side::Upstream,
                 readable: true,
                 writable: true,
+                hangup: false,
             },
             Input::Timeout,
             Input::Read {
