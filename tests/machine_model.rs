@@ -25,7 +25,10 @@
 //! Then both peers cooperate and the connection must end, with every byte delivered.
 //! `PROPTEST_CASES` raises the case counts (the defaults keep the suite to seconds).
 
+#[path = "sim/seeds.rs"]
+mod seeds;
 mod sim;
+use seeds::fuzz_seeds;
 
 use docker_socket_router::conn::machine::{End, Settings, Side};
 use docker_socket_router::head::HeadStatus;
@@ -422,27 +425,6 @@ fn test_closed_abort_keeps_its_end() {
         end,
         "the end of a closed connection changed"
     );
-}
-
-/// Every checked-in seed of fuzz target `target` (regression seeds included), by name.
-fn fuzz_seeds(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target);
-    let mut seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
-        .map(|entry| {
-            let path = entry.expect("a directory entry").path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            (
-                name.unwrap_or_default(),
-                std::fs::read(&path).expect("a seed"),
-            )
-        })
-        .collect();
-    seeds.sort();
-    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
-    seeds
 }
 
 /// The `conn_machine` fuzz seeds (and every regression seed a crash left there) pass.

@@ -10,6 +10,9 @@
 #[allow(dead_code)]
 #[path = "sim/ring_ref.rs"]
 mod ring_ref;
+#[path = "sim/seeds.rs"]
+mod seeds;
+use seeds::fuzz_seeds;
 
 use docker_socket_router::ring::{POOL_LIMIT, Ring, pooled_buffers};
 use proptest::collection::vec;
@@ -185,27 +188,6 @@ fn test_ring_clear_drops_bytes_and_storage() {
     assert!(!model.ring.is_allocated());
     assert!(model.ring.readable_slice().is_empty());
     assert_eq!(model.ring.writable_slice().len(), 5);
-}
-
-/// Every checked-in seed of fuzz target `target` (regression seeds included), by name.
-fn fuzz_seeds(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target);
-    let mut seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
-        .map(|entry| {
-            let path = entry.expect("a directory entry").path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            (
-                name.unwrap_or_default(),
-                std::fs::read(&path).expect("a seed"),
-            )
-        })
-        .collect();
-    seeds.sort();
-    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
-    seeds
 }
 
 /// The `ring` fuzz seeds (and every regression seed a crash left there) pass.

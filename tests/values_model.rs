@@ -2,9 +2,12 @@
 //! parsers (`cli`), against the references in `tests/sim/values.rs` (shared with the `template`
 //! and `cli_values` fuzz targets).
 
+#[path = "sim/seeds.rs"]
+mod seeds;
 #[allow(dead_code)]
 #[path = "sim/values.rs"]
 mod values;
+use seeds::fuzz_seeds;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -82,27 +85,6 @@ fn test_template_examples() {
         assert_eq!(values::template_reference(text).is_some(), ok, "{text}");
         values::check_template(text, [1000, 1001]).unwrap();
     }
-}
-
-/// Every checked-in seed of fuzz target `target` (regression seeds included), by name.
-fn fuzz_seeds(target: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
-        .join(target);
-    let mut seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
-        .map(|entry| {
-            let path = entry.expect("a directory entry").path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            (
-                name.unwrap_or_default(),
-                std::fs::read(&path).expect("a seed"),
-            )
-        })
-        .collect();
-    seeds.sort();
-    assert!(!seeds.is_empty(), "no seeds in {}", dir.display());
-    seeds
 }
 
 /// The `template` and `cli_values` fuzz seeds pass.

@@ -1057,6 +1057,18 @@ mod tests {
         );
     }
 
+    /// The edge of a peer that closed its socket: readable, writable, hung up.
+    fn hangup(m: &mut Machine, side: Side, now: Instant) {
+        let (readable, writable, hangup) = (true, true, true);
+        let input = Input::Ready {
+            side,
+            readable,
+            writable,
+            hangup,
+        };
+        answer(m, input, now);
+    }
+
     /// A readable edge on `side`, one read that returns `bytes` (EOF when empty), then
     /// `WouldBlock` as a drained socket would say, so no readiness bit is left behind.
     fn read(m: &mut Machine, side: Side, bytes: &[u8], now: Instant) {
@@ -1324,18 +1336,7 @@ mod tests {
             },
             now,
         );
-        let (readable, writable, hangup) = (true, true, true);
-        let side = Side::Client;
-        answer(
-            &mut m,
-            Input::Ready {
-                side,
-                readable,
-                writable,
-                hangup,
-            },
-            now,
-        );
+        hangup(&mut m, Side::Client, now);
         assert_eq!(
             m.end(),
             Some(&End::Completed),
@@ -1348,13 +1349,7 @@ mod tests {
         let now = Instant::now();
         let mut m = piping(now);
         read(&mut m, Side::Upstream, b"owed", now);
-        let hangup = Input::Ready {
-            side: Side::Client,
-            readable: true,
-            writable: true,
-            hangup: true,
-        };
-        answer(&mut m, hangup, now);
+        hangup(&mut m, Side::Client, now);
         assert_eq!(
             m.state().name(),
             "piping",
@@ -1380,18 +1375,7 @@ mod tests {
         answer(&mut m, Input::ShutDown { side: Side::Client }, now);
         // The client half-closed too: both directions of our socket are shut, which reads as
         // a hangup, yet the client may still be sending.
-        let (readable, writable, hangup) = (true, false, true);
-        let side = Side::Client;
-        answer(
-            &mut m,
-            Input::Ready {
-                side,
-                readable,
-                writable,
-                hangup,
-            },
-            now,
-        );
+        hangup(&mut m, Side::Client, now);
         assert_eq!(m.state().name(), "piping");
         read(&mut m, Side::Client, b"late", now);
         edge(&mut m, Side::Upstream, false, true, now);
