@@ -25,10 +25,10 @@
 //! Then both peers cooperate and the connection must end, with every byte delivered.
 //! `PROPTEST_CASES` raises the case counts (the defaults keep the suite to seconds).
 
-#[path = "sim/seeds.rs"]
-mod seeds;
+#[path = "sim/common.rs"]
+mod common;
 mod sim;
-use seeds::fuzz_seeds;
+use common::{cases, fuzz_seeds};
 
 use docker_socket_router::conn::machine::{End, Settings, Side};
 use docker_socket_router::head::HeadStatus;
@@ -38,14 +38,6 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use sim::{Options, PeerPlan, Plan, RefusalBound, Refuse, Scenario, Sim, Step};
-
-/// The case count: `PROPTEST_CASES` when set, else `default`.
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn config(default: u32) -> Config {
     Config {

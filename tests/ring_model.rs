@@ -7,25 +7,18 @@
 //! two runs); a drained ring offers its whole capacity at once; release gives storage back only
 //! when empty. At the end, the bytes come out in the order they went in, each exactly once.
 
+#[path = "sim/common.rs"]
+mod common;
 #[allow(dead_code)]
 #[path = "sim/ring_ref.rs"]
 mod ring_ref;
-#[path = "sim/seeds.rs"]
-mod seeds;
-use seeds::fuzz_seeds;
+use common::{cases, fuzz_seeds};
 
 use docker_socket_router::ring::{POOL_LIMIT, Ring, pooled_buffers};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use ring_ref::{RingModel, RingOp};
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn op() -> impl Strategy<Value = RingOp> {
     prop_oneof![

@@ -7,6 +7,11 @@
 //! minted earlier, some for connections that have since gone and whose slot was reused in the
 //! same batch) is replayed; every event must reach exactly its own connection or nothing.
 
+// Only the case count is used here, not the seed loader.
+#[allow(dead_code)]
+#[path = "sim/common.rs"]
+mod common;
+use common::cases;
 use docker_socket_router::conn::machine::Side;
 use docker_socket_router::token::{ConnToken, LISTENER, MAX_SLOT, SIGNALS};
 use mio::Token;
@@ -14,13 +19,6 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use slab::Slab;
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A live connection as the slab holds it.
 #[derive(Debug, Clone, Copy)]

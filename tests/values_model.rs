@@ -2,23 +2,16 @@
 //! parsers (`cli`), against the references in `tests/sim/values.rs` (shared with the `template`
 //! and `cli_values` fuzz targets).
 
-#[path = "sim/seeds.rs"]
-mod seeds;
+#[path = "sim/common.rs"]
+mod common;
 #[allow(dead_code)]
 #[path = "sim/values.rs"]
 mod values;
-use seeds::fuzz_seeds;
+use common::{cases, fuzz_seeds};
 
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Text made mostly of the characters that matter to each parser.
 fn text() -> impl Strategy<Value = String> {

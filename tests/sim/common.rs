@@ -1,4 +1,13 @@
-//! The checked-in fuzz seeds, for the tests that replay them (never built into a fuzz target).
+//! Helpers the property-test files share (never built into a fuzz target): the case count and
+//! the checked-in fuzz seeds they replay.
+
+/// The case count: `PROPTEST_CASES` when set, else `default`.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// Every checked-in seed of fuzz target `target` (regression seeds included), by name.
 pub fn fuzz_seeds(target: &str) -> Vec<(String, Vec<u8>)> {
