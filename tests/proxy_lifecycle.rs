@@ -667,15 +667,25 @@ fn logging_stderr_nobody_reads_never_stalls_the_router() {
     let socket = dir.join("docker.sock");
     let template = dir.join("%d.sock");
     let (unread, stderr_end) = nix::unistd::pipe().unwrap();
-    let mut child = std::process::Command::new(BIN)
-        .args(["--socket", socket.to_str().unwrap()])
-        .args(["--user-socket", template.to_str().unwrap()])
-        .args(["--log-target", "stderr", "--verbose"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::from(stderr_end))
-        .spawn()
-        .unwrap();
+    /// Kills the router however the test ends, so a failing run leaves no process behind.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _router = KillOnDrop(
+        std::process::Command::new(BIN)
+            .args(["--socket", socket.to_str().unwrap()])
+            .args(["--user-socket", template.to_str().unwrap()])
+            .args(["--log-target", "stderr", "--verbose"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(stderr_end))
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + WAIT;
     while socket_mode(&socket).is_none() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(5));
@@ -694,7 +704,5 @@ fn logging_stderr_nobody_reads_never_stalls_the_router() {
             started.elapsed()
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
     drop(unread);
 }
