@@ -203,25 +203,22 @@ pub fn connect_checked(target: &impl AsFd) -> io::Result<mio::net::UnixStream> {
     crate::io::retry_interrupted(|| mio::net::UnixStream::connect(&via))
 }
 
-/// Classifies a connect error for a user's socket.
-pub fn connect_outcome(result: &io::Result<()>, uid: u32, path: &str) -> Connect {
-    match result {
-        Ok(()) => Connect::Connected,
-        Err(err) => match err.kind() {
-            io::ErrorKind::WouldBlock => Connect::Busy,
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                Connect::Failed(Refusal::DaemonNotRunning {
-                    uid,
-                    path: path.to_string(),
-                })
-            }
-            io::ErrorKind::PermissionDenied => Connect::Failed(Refusal::Forbidden {
+/// Classifies a failed connect to a user's socket.
+pub fn connect_error(err: &io::Error, uid: u32, path: &str) -> Connect {
+    match err.kind() {
+        io::ErrorKind::WouldBlock => Connect::Busy,
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            Connect::Failed(Refusal::DaemonNotRunning {
                 uid,
                 path: path.to_string(),
-                why: Forbidden::Inaccessible,
-            }),
-            _ => Connect::Failed(Refusal::Internal(format!("connect to {path}: {err}"))),
-        },
+            })
+        }
+        io::ErrorKind::PermissionDenied => Connect::Failed(Refusal::Forbidden {
+            uid,
+            path: path.to_string(),
+            why: Forbidden::Inaccessible,
+        }),
+        _ => Connect::Failed(Refusal::Internal(format!("connect to {path}: {err}"))),
     }
 }
 
@@ -361,14 +358,18 @@ mod tests {
     }
 
     #[test]
-    fn test_connect_outcome_classifies() {
-        let refused = Err(io::Error::from(io::ErrorKind::ConnectionRefused));
+    fn test_connect_error_classifies() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
         assert!(matches!(
-            connect_outcome(&refused, 5, "/p"),
+            connect_error(&refused, 5, "/p"),
             Connect::Failed(Refusal::DaemonNotRunning { uid: 5, .. })
         ));
-        let busy = Err(io::Error::from_raw_os_error(nix::libc::EAGAIN));
-        assert_eq!(connect_outcome(&busy, 5, "/p"), Connect::Busy);
-        assert_eq!(connect_outcome(&Ok(()), 5, "/p"), Connect::Connected);
+        let busy = io::Error::from_raw_os_error(nix::libc::EAGAIN);
+        assert_eq!(connect_error(&busy, 5, "/p"), Connect::Busy);
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(matches!(
+            connect_error(&denied, 5, "/p"),
+            Connect::Failed(Refusal::Forbidden { .. })
+        ));
     }
 }

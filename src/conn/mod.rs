@@ -247,31 +247,29 @@ impl Connection {
         let (Some(target), Some(peer)) = (self.target.as_ref(), self.machine.peer()) else {
             return Connect::Failed(Refusal::Internal("connect without a checked target".into()));
         };
-        let path = self.machine.upstream().unwrap_or_default().to_string();
-        match route::connect_checked(target) {
-            Ok(mut stream) => {
-                let token = ConnToken::new(self.slot, Side::Upstream, self.id).encode();
-                if let Err(err) = env.registry.register(
-                    &mut stream,
-                    token,
-                    Interest::READABLE | Interest::WRITABLE,
-                ) {
-                    self.target = None;
-                    return Connect::Failed(Refusal::Internal(format!(
-                        "cannot watch the upstream socket: {err}"
-                    )));
-                }
+        let outcome = match route::connect_checked(target) {
+            Ok(stream) => self.watch_upstream(stream, env.registry),
+            Err(err) => {
+                route::connect_error(&err, peer.uid, self.machine.upstream().unwrap_or_default())
+            }
+        };
+        // A busy daemon is retried through the same checked inode; otherwise it is done with.
+        if outcome != Connect::Busy {
+            self.target = None;
+        }
+        outcome
+    }
+
+    fn watch_upstream(&mut self, mut stream: UnixStream, registry: &Registry) -> Connect {
+        let token = ConnToken::new(self.slot, Side::Upstream, self.id).encode();
+        match registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+            Ok(()) => {
                 self.upstream = Some(stream);
-                self.target = None;
                 Connect::Connected
             }
-            Err(err) => {
-                let outcome = route::connect_outcome(&Err(err), peer.uid, &path);
-                if !matches!(outcome, Connect::Busy) {
-                    self.target = None;
-                }
-                outcome
-            }
+            Err(err) => Connect::Failed(Refusal::Internal(format!(
+                "cannot watch the upstream socket: {err}"
+            ))),
         }
     }
 
