@@ -555,17 +555,20 @@ fn recv_syslog(socket: &UnixDatagram, needles: &[&str]) -> String {
     panic!("no syslog datagram with {needles:?}; got {seen:#?}");
 }
 
+/// A router logging to a syslog socket the test binds: the router, that socket and its path.
+fn router_with_syslog(dir: &TempDir) -> (Router, UnixDatagram, std::path::PathBuf) {
+    let log_path = dir.join("log.sock");
+    let syslog = UnixDatagram::bind(&log_path).unwrap();
+    let log_text = log_path.display().to_string();
+    let args = ["--log-target", "syslog", "--syslog-socket", &log_text];
+    (Router::start(dir, &args), syslog, log_path)
+}
+
 #[test]
 fn logging_syslog_receives_the_connection_lines() {
     let uid = test_uid(20302);
     let dir = TempDir::new("syslog");
-    let log_path = dir.join("log.sock");
-    let syslog = UnixDatagram::bind(&log_path).unwrap();
-    let log_text = log_path.display().to_string();
-    let router = Router::start(
-        &dir,
-        &["--log-target", "syslog", "--syslog-socket", &log_text],
-    );
+    let (router, syslog, _) = router_with_syslog(&dir);
     let tag = format!("docker-socket-router[{}]: ", router.pid());
     recv_syslog(&syslog, &[&tag, "listening on"]);
 
@@ -641,13 +644,7 @@ fn logging_verbose_shows_state_changes() {
 fn logging_syslog_that_goes_away_does_not_lose_lines() {
     let uid = test_uid(20309);
     let dir = TempDir::new("syslogdies");
-    let log_path = dir.join("log.sock");
-    let syslog = UnixDatagram::bind(&log_path).unwrap();
-    let log_text = log_path.display().to_string();
-    let router = Router::start(
-        &dir,
-        &["--log-target", "syslog", "--syslog-socket", &log_text],
-    );
+    let (router, syslog, log_path) = router_with_syslog(&dir);
     recv_syslog(&syslog, &["listening on"]);
     // The syslog daemon stops (or restarts) while the router runs.
     drop(syslog);
@@ -655,8 +652,13 @@ fn logging_syslog_that_goes_away_does_not_lose_lines() {
 
     let _server = Upstream::bind(&router.upstream_path(uid), uid).echo();
     assert_served(&router, uid);
-    // The line is not dropped silently: it reaches stderr.
+    // The line is not dropped silently: it reaches stderr, after one note that says why.
     router.wait_conn_line(uid, WAIT);
+    let notes = router.stderr.lines().into_iter();
+    let notes = notes
+        .filter(|l| l.contains("syslog does not take lines"))
+        .count();
+    assert_eq!(notes, 1, "{}", router.stderr.text());
 }
 
 #[test]
@@ -675,7 +677,7 @@ fn logging_stderr_nobody_reads_never_stalls_the_router() {
             let _ = self.0.wait();
         }
     }
-    let _router = KillOnDrop(
+    let router_process = KillOnDrop(
         std::process::Command::new(BIN)
             .args(["--socket", socket.to_str().unwrap()])
             .args(["--user-socket", template.to_str().unwrap()])
@@ -704,5 +706,22 @@ fn logging_stderr_nobody_reads_never_stalls_the_router() {
             started.elapsed()
         );
     }
-    drop(unread);
+    // Once stderr is read again, the router reports how many lines it could not write.
+    let reader = thread::spawn(move || {
+        let mut text = Vec::new();
+        let mut pipe = fs::File::from(unread);
+        let _ = std::io::Read::read_to_end(&mut pipe, &mut text);
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    thread::sleep(Duration::from_millis(100));
+    let mut conn = UnixStream::connect(&socket).unwrap();
+    conn.write_all(b"GET /_ping HTTP/1.1\r\n\r\n").unwrap();
+    let _ = std::io::Read::read_to_end(&mut conn, &mut Vec::new());
+    thread::sleep(Duration::from_millis(200));
+    drop(router_process);
+    let text = reader.join().unwrap();
+    assert!(
+        text.contains("log lines were dropped"),
+        "no report of dropped lines"
+    );
 }
